@@ -1,0 +1,1 @@
+"""Benchmarks: stream simulator, online evaluation, the Hydra app and performance scripts."""

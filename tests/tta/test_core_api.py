@@ -1,0 +1,161 @@
+"""Public API: registry, wrapping, reset, state dicts, no_adapt, threads, multi-stream."""
+
+import copy
+import logging
+import threading
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import tta
+
+from .helpers import batches, small_bn_cnn
+
+STATISTICS_METHODS = ["norm", "alpha_bn", "unmix_tns"]
+STATEFUL = [("norm", {"momentum": 0.2}), ("unmix_tns", {"k": 4})]
+
+
+def test_available_methods_lists_the_statistics_methods():
+    names = tta.available_methods()
+    for name in ["source", *STATISTICS_METHODS]:
+        assert name in names
+
+
+def test_unknown_method_and_hparam_raise_listing_valid_ones():
+    model = small_bn_cnn()
+    with pytest.raises(ValueError, match="available: .*norm"):
+        tta.adapt(model, "nrom")
+    with pytest.raises(ValueError, match=r"valid: .*'tau'"):
+        tta.adapt(model, "unmix_tns", temperature=0.1)
+    with pytest.raises(ValueError, match="alpha must lie"):
+        tta.adapt(model, "alpha_bn", alpha=1.5)
+    with pytest.raises(ValueError, match="statistics methods"):
+        tta.adapt(model, "norm+unmix_tns")
+    with pytest.raises(ValueError, match="two parts"):
+        tta.adapt(model, "norm+source+source")
+
+
+def test_auto_picks_from_the_normalization_layers_and_says_so(caplog):
+    with caplog.at_level(logging.INFO, logger="tta"):
+        adapted = tta.adapt(small_bn_cnn())
+    assert adapted.method_name == "unmix_tns"
+    assert "BatchNorm" in adapted.auto_reason
+    assert "unmix_tns" in caplog.text
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    assert tta.adapt(plain).method_name == "source"
+
+
+def test_caller_model_untouched_unless_inplace():
+    model = small_bn_cnn()
+    before = copy.deepcopy(model.state_dict())
+    adapted = tta.adapt(model, "norm", momentum=0.5)
+    for x in batches(3):
+        adapted(x)
+    assert all(isinstance(m, nn.BatchNorm2d) for m in [model[1], model[4]])
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+    inplace = tta.adapt(model, "norm", inplace=True)
+    assert inplace.model is model
+    assert not isinstance(model[1], nn.BatchNorm2d)
+
+
+@pytest.mark.parametrize("method,hparams", STATEFUL)
+def test_reset_restores_exact_source_state(method, hparams):
+    torch.manual_seed(3)
+    adapted = tta.adapt(small_bn_cnn(), method, **hparams)
+    x0 = batches(1, seed=9)[0]
+    first = adapted(x0)
+    for x in batches(4):
+        adapted(x)
+    assert not torch.equal(adapted(x0), first)
+    adapted.reset()
+    assert torch.equal(adapted(x0), first)
+
+
+@pytest.mark.parametrize("method,hparams", STATEFUL)
+def test_state_dict_round_trip_continues_bit_identically(method, hparams, tmp_path):
+    torch.manual_seed(3)
+    model = small_bn_cnn()
+    service = tta.adapt(model, method, **hparams)
+    stream = batches(6)
+    for x in stream[:3]:
+        service(x)
+    path = tmp_path / "state.pt"
+    torch.save(service.state_dict(), path)
+    torch.manual_seed(99)  # a restarted process draws different UnMix-TNS noise...
+    restarted = tta.adapt(model, method, **hparams)
+    restarted.load_state_dict(torch.load(path, weights_only=False))  # ...which the state overrides
+    for x in stream[3:]:
+        assert torch.equal(service(x), restarted(x))
+
+
+def test_load_state_dict_from_another_method_is_refused():
+    state = tta.adapt(small_bn_cnn(), "norm").state_dict()
+    with pytest.raises((ValueError, RuntimeError)):
+        tta.adapt(small_bn_cnn(), "alpha_bn").load_state_dict(state)
+
+
+@pytest.mark.parametrize("method,hparams", STATEFUL)
+def test_no_adapt_predicts_like_a_step_without_changing_state(method, hparams):
+    adapted = tta.adapt(small_bn_cnn(), method, **hparams)
+    for x in batches(2):
+        adapted(x)
+    state = copy.deepcopy(adapted.state_dict())
+    probe = batches(1, seed=5)[0]
+    with adapted.no_adapt():
+        held_out = adapted(probe)
+        assert torch.equal(adapted(probe), held_out)
+    for key, value in adapted.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, state[key]), key
+    assert torch.equal(adapted(probe), held_out)  # the real step predicts the same
+
+
+def test_calls_from_several_threads_are_serialized():
+    adapted = tta.adapt(small_bn_cnn(), "norm", momentum=0.1)
+    active, overlaps = [0], [0]
+    step = adapted.method.step
+
+    def guarded_step(model, x):
+        active[0] += 1
+        overlaps[0] = max(overlaps[0], active[0])
+        time.sleep(0.002)
+        try:
+            return step(model, x)
+        finally:
+            active[0] -= 1
+
+    adapted.method.step = guarded_step
+    xs = batches(16)
+    threads = [threading.Thread(target=adapted, args=(x,)) for x in xs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert overlaps[0] == 1
+    # 16 EMA updates happened: the state moved away from a single update's
+    single = tta.adapt(small_bn_cnn(), "norm", momentum=0.1)
+    single(xs[0])
+    assert not torch.equal(single.model[1].target_mean, adapted.model[1].target_mean)
+
+
+@pytest.mark.parametrize("method,hparams", [("norm", {}), ("norm", {"momentum": 0.3}), ("alpha_bn", {}), ("unmix_tns", {"k": 4}), ("source", {})])
+def test_multi_stream_equals_separate_runs(method, hparams):
+    streams = [batches(4, batch_size=5, seed=s, shift=s * 0.3) for s in range(3)]
+    torch.manual_seed(7)
+    joint = tta.adapt(small_bn_cnn(), method, num_streams=3, **hparams)
+    joint_out = [joint(torch.cat([stream[t] for stream in streams])).split(5) for t in range(4)]
+    for s, stream in enumerate(streams):
+        torch.manual_seed(7)
+        alone = tta.adapt(small_bn_cnn(), method, **hparams)
+        for t, x in enumerate(stream):
+            torch.testing.assert_close(joint_out[t][s], alone(x), rtol=1e-5, atol=1e-5)
+
+
+def test_adapted_model_can_be_deep_copied_and_pickled():
+    adapted = tta.adapt(small_bn_cnn(), "unmix_tns", k=2)
+    x = batches(1)[0]
+    clone = copy.deepcopy(adapted)
+    assert torch.equal(clone(x), adapted(x))

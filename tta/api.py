@@ -1,0 +1,209 @@
+"""The user-facing entry point: ``model = tta.adapt(model)``."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import threading
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from tta.layers.base import AdaptiveNorm
+from tta.methods.base import Method
+from tta.registry import available_methods, build_method
+from tta.surgery import find_norm_layers, is_group_or_layer_norm
+from tta.validation import check_batch, infer_input_ndim, model_dtype
+
+logger = logging.getLogger("tta")
+
+_INFER = "infer"
+
+
+def choose_method(model: nn.Module) -> tuple[str, str]:
+    """The ``method="auto"`` choice for a model, with the reason.
+
+    * BatchNorm layers: ``unmix_tns``. It normalizes with test statistics like test-time BN
+      on i.i.d. streams, but stays sound on label-correlated streams and at batch size 1,
+      where plain test-time BN collapses; it trains nothing, so it cannot diverge.
+    * Only GroupNorm/LayerNorm: ``sar`` when registered (its paper targets exactly these
+      models), else ``source``.
+    * No normalization layer: ``source``.
+    """
+    registered = set(available_methods())
+    if find_norm_layers(model):
+        return "unmix_tns", "the model has BatchNorm layers"
+    if any(is_group_or_layer_norm(module) for module in model.modules()):
+        if "sar" in registered:
+            return "sar", "the model has GroupNorm/LayerNorm layers and no BatchNorm"
+        return "source", "GroupNorm/LayerNorm only, and no entropy method is registered"
+    return "source", "the model has no normalization layer to adapt"
+
+
+class Adapted(nn.Module):
+    """A model that adapts online: each ``forward(x)`` adapts on the batch and returns the
+    wrapped model's output for it.
+
+    * :meth:`reset` restores the exact state at wrap time.
+    * ``state_dict()`` / ``load_state_dict()`` hold all adaptation state (statistics buffers,
+      parameters and the method's optimizer state), so a restarted service continues with
+      bit-identical outputs.
+    * :meth:`no_adapt` predicts exactly as a step would, without changing any state.
+    * Calls from several threads are serialized.
+    * A failing step (bad input, an exception inside the model) leaves the state unchanged;
+      statistics computed from a batch holding NaN/Inf are not kept (the step's output is
+      returned as computed, so it is non-finite too). The check runs on the device without a
+      host synchronisation.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: Method,
+        *,
+        num_streams: int = 1,
+        input_ndim: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.method = method
+        self.num_streams = num_streams
+        self.input_ndim = input_ndim
+        self.method_name: str = method.name
+        self.auto_reason: str | None = None
+        self._lock = threading.RLock()
+        self._adapting = True
+        self._initial_model_state = copy.deepcopy(self.model.state_dict())
+        self._initial_extra_state = copy.deepcopy(self.method.extra_state())
+
+    # -- adaptation ----------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_batch(
+            x, input_ndim=self.input_ndim, dtype=model_dtype(self.model), num_streams=self.num_streams
+        )
+        with self._lock:
+            layers = self.adaptive_layers()
+            if not self._adapting:
+                for layer in layers:
+                    layer.adapting = False
+                try:
+                    return self.method.predict(self.model, x)
+                finally:
+                    for layer in layers:
+                        layer.adapting = True
+            if self.method.episodic:
+                self._restore_initial_state()
+            try:
+                out = self.method.step(self.model, x)
+            except BaseException:
+                for layer in layers:
+                    layer.discard()
+                raise
+            for layer in layers:
+                layer.commit()
+            return out
+
+    @contextlib.contextmanager
+    def no_adapt(self) -> Iterator["Adapted"]:
+        """Within this context, calls predict as a step would but change no state."""
+        with self._lock:
+            previous, self._adapting = self._adapting, False
+            try:
+                yield self
+            finally:
+                self._adapting = previous
+
+    def adaptive_layers(self) -> list[AdaptiveNorm]:
+        return [module for module in self.model.modules() if isinstance(module, AdaptiveNorm)]
+
+    # -- state ----------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Restore the exact state at wrap time (statistics, parameters, optimizer state)."""
+        with self._lock:
+            self._restore_initial_state()
+
+    def _restore_initial_state(self) -> None:
+        self.model.load_state_dict(self._initial_model_state)
+        self.method.load_extra_state(copy.deepcopy(self._initial_extra_state))
+        for layer in self.adaptive_layers():
+            layer.discard()
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"method": self.method_name, "state": self.method.extra_state()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if state.get("method") != self.method_name:
+            raise ValueError(
+                f"state was saved from method {state.get('method')!r}, this model runs {self.method_name!r}"
+            )
+        self.method.load_extra_state(state["state"])
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        with self._lock:
+            return super().state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        with self._lock:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
+    def extra_repr(self) -> str:
+        return f"method={self.method.describe()}"
+
+
+def adapt(
+    model: nn.Module,
+    method: str = "auto",
+    *,
+    inplace: bool = False,
+    num_streams: int = 1,
+    input_ndim: int | None | str = _INFER,
+    **hparams: Any,
+) -> Adapted:
+    """Wrap ``model`` so that every call adapts it online.
+
+    Args:
+        model: any classifier (timm, torchvision or a user's ``nn.Module``).
+        method: a name from :func:`tta.available_methods`, a composition
+            ``"<statistics>+<method>"`` such as ``"unmix_tns+tent"``, or ``"auto"`` (chosen
+            from the model's normalization layers; see :func:`choose_method`).
+        inplace: adapt ``model`` itself; by default a deep copy is adapted and the caller's
+            object stays untouched.
+        num_streams: S independent streams in one batched forward; each batch holds S
+            equal-size sub-batches, stream-major. Statistics methods only.
+        input_ndim: expected input rank, checked on every call; inferred from the first
+            convolution by default, ``None`` disables the check.
+        **hparams: the method's hyperparameters (``<method>__<name>`` where a composition has
+            the same name twice).
+
+    Raises:
+        ValueError: unknown method or hyperparameter (the message lists the valid ones), a
+            statistics method on a model without supported normalization layers.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(num_streams, int) or num_streams < 1:
+        raise ValueError(f"num_streams must be a positive integer, got {num_streams!r}")
+    reason = None
+    if method == "auto":
+        method, reason = choose_method(model)
+        logger.info("tta.adapt: method='auto' chose %r (%s)", method, reason)
+    built = build_method(method, num_streams=num_streams, **hparams)
+    target = model if inplace else copy.deepcopy(model)
+    target.eval()
+    if input_ndim == _INFER:
+        input_ndim = infer_input_ndim(target)
+    target = built.convert(target)
+    adapted = Adapted(target, built, num_streams=num_streams, input_ndim=input_ndim)  # type: ignore[arg-type]
+    adapted.auto_reason = reason
+    return adapted.eval()

@@ -1,0 +1,89 @@
+"""Test-time batch normalization layers: test-batch statistics, an EMA of them, and alpha-BN."""
+
+from __future__ import annotations
+
+import torch
+
+from tta.layers.base import AdaptiveNorm, SourceNormState
+from tta.layers.stats import normalize, stream_stats
+
+
+class TestTimeBatchNorm(AdaptiveNorm):
+    """Normalize with the statistics of the test batch (TBN; Schneider et al., NeurIPS 2020;
+    Nado et al., 2020), as TENT's normalization does (Wang et al., ICLR 2021, §3).
+
+    ``mu_t, sigma_t^2`` = mean and *biased* variance over batch and spatial dims (spec §1).
+
+    With ``momentum = m`` the layer keeps an exponential moving average of the target
+    statistics, initialised from the source statistics, and normalizes with the average that
+    already includes the current batch:
+    ``mu_ema <- (1 - m) mu_ema + m mu_t`` (same for the variance). ``m = 1`` is plain TBN;
+    a small ``m`` keeps predictions stable for tiny or label-correlated batches.
+    """
+
+    __test__ = False  # not a pytest class despite the name
+
+    def __init__(self, source: SourceNormState, momentum: float | None = None, num_streams: int = 1) -> None:
+        super().__init__(source, num_streams)
+        self.momentum = momentum
+        if momentum is not None:
+            source_mean, source_var = self.require_source_stats()
+            self.register_buffer("target_mean", source_mean.expand(num_streams, -1).clone())
+            self.register_buffer("target_var", source_var.expand(num_streams, -1).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        mean, var = stream_stats(x, self.num_streams)
+        if self.momentum is not None:
+            m = self.momentum
+            mean = torch.lerp(self.target_mean, mean, m)
+            var = torch.lerp(self.target_var, var, m)
+            self.propose_update(target_mean=mean, target_var=var)
+        return normalize(x, mean, var, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, momentum={self.momentum}"
+
+
+class AlphaBatchNorm(AdaptiveNorm):
+    """alpha-BN: mix source and test-batch statistics (You, Li & Zhao, arXiv 2110.04065).
+
+    ``mu = alpha mu_s + (1 - alpha) mu_t``, ``sigma^2 = alpha sigma_s^2 + (1 - alpha) sigma_t^2``
+    then ``gamma (z - mu) / sqrt(sigma^2 + eps) + beta`` with the source affine parameters.
+    ``alpha`` weights the *source* side as in the paper; the "BN-alpha" baseline of other
+    benchmarks (Schneider et al. 2020; mariodoebler/test-time-adaptation) weights the test side,
+    ``a = 1 - alpha`` (their default a = 0.1 is alpha = 0.9). That port also uses the unbiased
+    batch variance; we use the biased one so that alpha = 0 is exactly test-time BN.
+    Stateless: nothing carries over between batches.
+    """
+
+    def __init__(self, source: SourceNormState, alpha: float, num_streams: int = 1) -> None:
+        super().__init__(source, num_streams)
+        self.require_source_stats()
+        self.alpha = float(alpha)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        mean, var = stream_stats(x, self.num_streams)
+        mean = torch.lerp(mean, self.source_mean, self.alpha)
+        var = torch.lerp(var, self.source_var, self.alpha)
+        return normalize(x, mean, var, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, alpha={self.alpha}"
+
+
+class SourceStatsNorm(AdaptiveNorm):
+    """Normalize with the frozen source statistics (eval-mode BatchNorm).
+
+    UnMix-TNS replaces ``BatchNorm1d`` with this (official ``UnMixTNS1d`` behaviour: no
+    adaptation for 1-D BN, e.g. the BN of a classifier head).
+    """
+
+    def __init__(self, source: SourceNormState, num_streams: int = 1) -> None:
+        super().__init__(source, num_streams)
+        self.require_source_stats()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        return normalize(x, self.source_mean, self.source_var, self.weight, self.bias, self.eps)

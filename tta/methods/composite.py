@@ -1,0 +1,59 @@
+"""One general composition: a statistics method under an objective or output method."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from tta.methods.base import STATISTICS, Method
+from tta.surgery import find_norm_layers
+
+
+class Composite(Method):
+    """``"<statistics>+<method>"``: convert with both (statistics first), step with the second."""
+
+    def __init__(self, statistics: Method, method: Method, *, implicit: bool = False) -> None:
+        if statistics.role != STATISTICS:
+            raise ValueError(
+                f"the first part of a composition must be a statistics method, got {statistics.name!r}"
+            )
+        if method.role == STATISTICS:
+            raise ValueError(
+                f"cannot stack two statistics methods ({statistics.name!r}, {method.name!r})"
+            )
+        self.statistics = statistics
+        self.method = method
+        # An objective used alone ("tent") runs on its default statistics method ("norm") when
+        # the model has BatchNorm layers, and directly on GroupNorm/LayerNorm models otherwise.
+        self.implicit = implicit
+        self.name = method.name if implicit else f"{statistics.name}+{method.name}"  # type: ignore[misc]
+        self.role = method.role  # type: ignore[misc]
+        self.num_streams = method.num_streams
+        self.hparams = method.hparams
+
+    @property
+    def episodic(self) -> bool:
+        return self.method.episodic
+
+    def convert(self, model: nn.Module) -> nn.Module:
+        if not (self.implicit and not find_norm_layers(model)):
+            model = self.statistics.convert(model)
+        return self.method.convert(model)
+
+    def step(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self.method.step(model, x)
+
+    def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self.method.predict(model, x)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"statistics": self.statistics.extra_state(), "method": self.method.extra_state()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.statistics.load_extra_state(state["statistics"])
+        self.method.load_extra_state(state["method"])
+
+    def describe(self) -> str:
+        return f"{self.statistics.describe()}+{self.method.describe()}"
