@@ -1,0 +1,3 @@
+"""Built-in methods. Importing a module registers its method (one line per method)."""
+
+from tta.methods import alpha_bn, norm, source, unmix_tns  # noqa: F401
