@@ -17,7 +17,8 @@ $PIP install -q torch==2.14.1 torchvision==0.29.1 timm==1.0.31 hydra-core==1.3.8
 # although it only uses quadprog; its real needs are installed above.
 $PIP install -q --no-deps avalanche-lib==0.6.0
 if [ "${1:-}" = "--ray" ]; then
-  $PIP install -q hydra-ray-launcher ray
+  # hydra-ray-launcher forces cloudpickle<3, which joblib 1.6 (joblib launcher) cannot use
+  $PIP install -q hydra-ray-launcher ray 'joblib<1.6'
 fi
 $PIP install -q --no-deps --no-build-isolation -e . 2>/dev/null || $PIP install -q --no-deps -e .
 echo "installed into .venv"

@@ -1,0 +1,225 @@
+"""Checks that need the code, run on every composed config before any work starts.
+
+Hydra's schema (:mod:`benchmarks.app.schema`) already rejects wrong types and unknown keys.
+What it cannot know is what the code registers: the method name (methods register
+themselves in :mod:`tta`, so the method group is data-driven), the method's hyperparameter
+names and types (its ``Hparams`` dataclass), the corruption names, and whether the model
+weights exist. :class:`PreflightChecks` is a Hydra callback that runs
+:func:`check_config` on the single run's config, or on the config of every job of a
+multirun sweep, before the first job is launched.
+
+Hydra turns exceptions raised by callbacks into warnings and carries on, so a failed check
+exits the process with :class:`PreflightFailed` (a ``SystemExit``: the message goes to
+stderr and the exit status is 1) before any output folder is created or any job starts.
+The task function checks its config again, so jobs started by other sweepers or by code
+are covered too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from benchmarks.app.errors import BenchConfigError
+from benchmarks.app.models import check_model_config
+
+logger = logging.getLogger(__name__)
+
+
+def method_parts(spec: str) -> list[type]:
+    """The method classes behind ``spec`` (``"name"`` or ``"statistics+name"``), including an
+    objective method's implicit statistics method; raises :class:`BenchConfigError`."""
+    import tta
+    from tta.registry import method_class
+
+    available = tta.available_methods()
+    parts = str(spec).split("+")
+    if not spec or len(parts) > 2 or any(not p for p in parts):
+        raise BenchConfigError(f"method.name={spec!r} must be '<method>' or '<statistics>+<method>'")
+    unknown = [p for p in parts if p not in available]
+    if unknown:
+        raise BenchConfigError(
+            f"unknown method {unknown[0]!r} (method.name={spec!r}); registered methods: {', '.join(available)} "
+            "(compositions: '<statistics>+<method>', e.g. 'unmix_tns+tent')"
+        )
+    classes = [method_class(p) for p in parts]
+    if len(classes) == 1 and getattr(classes[0], "default_statistics", None):
+        classes = [method_class(classes[0].default_statistics), classes[0]]
+    return classes
+
+
+def normalize_hparams(spec: str, hparams: dict[str, Any]) -> dict[str, Any]:
+    """Type-check ``hparams`` against the methods' ``Hparams`` dataclasses (OmegaConf's
+    conversion rules: ``8`` for a float field becomes ``8.0``, ``"abc"`` for an int fails)
+    and return them converted. Unknown names are left to :func:`tta.build_method`."""
+    classes = method_parts(spec)
+    out: dict[str, Any] = {}
+    for key, value in hparams.items():
+        prefix, sep, field_name = str(key).partition("__")
+        if not sep:
+            field_name = str(key)
+        owners = [
+            cls for cls in classes
+            if (not sep or cls.name == prefix) and field_name in {f.name for f in dataclasses.fields(cls.Hparams)}
+        ]
+        if len(owners) != 1:
+            out[key] = value  # unknown or ambiguous: build_method words the error
+            continue
+        try:
+            typed = OmegaConf.structured(owners[0].Hparams)
+        except Exception:  # noqa: BLE001 - an Hparams OmegaConf cannot type: skip the type check
+            out[key] = value
+            continue
+        try:
+            typed[field_name] = value
+        except Exception as error:  # noqa: BLE001 - OmegaConf's ValidationError and friends
+            message = str(error).splitlines()[0]
+            raise BenchConfigError(f"method.hparams.{key}={value!r} for method {spec!r}: {message}") from None
+        out[key] = OmegaConf.to_container(typed, resolve=True)[field_name]
+    return out
+
+
+def check_method(spec: str, hparams: dict[str, Any], num_streams: int = 1) -> dict[str, Any]:
+    """Validate a method config; returns the converted hyperparameters."""
+    import tta
+
+    converted = normalize_hparams(spec, hparams)
+    try:
+        tta.build_method(spec, num_streams=num_streams, **converted)
+    except (ValueError, TypeError) as error:
+        raise BenchConfigError(f"method {spec!r} with hparams {converted}: {error}") from None
+    return converted
+
+
+def _known_domains(source: str) -> set[str]:
+    from benchmarks.streams.config import CLEAN_DOMAINS, STANDARD_DOMAINS
+
+    known = set(STANDARD_DOMAINS) | set(CLEAN_DOMAINS)
+    if source == "generate":
+        try:
+            from benchmarks.corruptions import REGISTRY
+
+            known = set(REGISTRY) | set(CLEAN_DOMAINS)
+        except Exception:  # noqa: BLE001 - fall back to the standard names
+            pass
+    return known
+
+
+def stream_config(cfg: DictConfig) -> Any:
+    """The :class:`benchmarks.streams.StreamConfig` of a composed config."""
+    from benchmarks.streams import StreamConfig
+
+    stream = OmegaConf.to_container(cfg.stream, resolve=True, enum_to_str=True)
+    dataset = OmegaConf.to_container(cfg.dataset, resolve=True, enum_to_str=True)
+    assert isinstance(stream, dict) and isinstance(dataset, dict)
+    return StreamConfig(
+        dataset=dataset["name"],
+        source=dataset["source"],
+        data_root=dataset.get("data_root"),
+        split=dataset["split"],
+        image_size=dataset["image_size"],
+        device=str(cfg.device),
+        **stream,
+    )
+
+
+def _check_data(config: Any) -> list[str]:
+    """Data files that must exist before a run starts (cheap checks only)."""
+    if config.dataset == "cifar10_jpeg":
+        tarball = Path(config.data_root or ".") / f"cifar10-jpeg-{config.split}.tar.gz"
+        if not tarball.is_file():
+            return [f"dataset file not found: {tarball} (set $TTA_SHARED_DATA or dataset.data_root to the folder holding it)"]
+    elif config.source == "files" and config.data_root and not Path(config.data_root).is_dir():
+        return [f"dataset folder not found: {config.data_root} (dataset.data_root)"]
+    return []
+
+
+def num_streams(cfg: DictConfig) -> int:
+    return len(cfg.stream.domains) if cfg.eval.multi_stream else 1
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise :class:`BenchConfigError` listing every problem of a composed config."""
+    problems: list[str] = []
+    try:
+        check_method(str(cfg.method.name), dict(OmegaConf.to_container(cfg.method.hparams, resolve=True)), num_streams(cfg))
+    except BenchConfigError as error:
+        problems.append(str(error))
+    try:
+        config = stream_config(cfg)
+    except (ValueError, TypeError) as error:
+        problems.append(f"stream: {error}")
+    else:
+        unknown = [d for d in config.domains if d not in _known_domains(config.source)]
+        if unknown:
+            problems.append(f"unknown domain(s) {unknown} in stream.domains; known: {sorted(_known_domains(config.source))}")
+        problems += _check_data(config)
+        if cfg.eval.multi_stream and config.schedule != "reset_each_shift":
+            problems.append("eval.multi_stream=true runs domains as parallel reset-each-shift streams; it needs stream.schedule=reset_each_shift")
+    problems += check_model_config(cfg.model)
+    if problems:
+        raise BenchConfigError("invalid benchmark config:\n  - " + "\n  - ".join(p.replace("\n", "\n    ") for p in problems))
+
+
+def sweep_job_configs(config: DictConfig) -> list[tuple[list[str], DictConfig]]:
+    """The composed config of every job of the current multirun (BasicSweeper semantics)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    loader = GlobalHydra.instance().config_loader()
+    arguments = list(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))  # type: ignore[arg-type]
+    params = OmegaConf.select(config, "hydra.sweeper.params")
+    if params:
+        arguments = [f"{k}={v}" for k, v in params.items()] + arguments
+    overrides = OverridesParser.create(config_loader=loader).parse_overrides(arguments)
+    jobs = BasicSweeper.split_arguments(overrides, None)[0]
+    return [(job, loader.load_sweep_config(config, list(job))) for job in jobs]
+
+
+class PreflightFailed(SystemExit):
+    """A config failed its checks before any work started (exit status 1, message on stderr)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"{message}\n(checked before any job started: nothing was run)")
+
+
+class PreflightChecks(Callback):
+    """Hydra callback: check every config before the first job runs (``hydra.callbacks``)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            check_config(config)
+        except BenchConfigError as error:
+            raise PreflightFailed(str(error)) from None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_") or "")
+        if not sweeper.endswith("BasicSweeper"):
+            return  # other sweepers generate their jobs lazily; each job checks itself
+        try:
+            jobs = sweep_job_configs(config)
+        except Exception as error:  # noqa: BLE001 - the sweeper reports composition errors itself
+            logger.debug("pre-flight composition skipped: %s", error)
+            return
+        for overrides, job_config in jobs:
+            try:
+                check_config(job_config)
+            except BenchConfigError as error:
+                raise PreflightFailed(f"sweep job {' '.join(overrides)}:\n{error}") from None
+        logger.info("checked the configs of %d sweep jobs", len(jobs))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from benchmarks.app.records import scan_runs
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        finished = scan_runs([sweep_dir]).finished
+        logger.info(
+            "sweep finished: %d finished runs in %s; report: python -m benchmarks.report %s",
+            len(finished), sweep_dir, sweep_dir,
+        )

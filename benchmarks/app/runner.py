@@ -1,0 +1,208 @@
+"""One benchmark run: config -> model, method, stream -> online evaluation -> result files.
+
+:func:`run` is the Hydra task function behind ``python -m benchmarks.run``. It
+
+1. returns the stored summary at once when the run's folder already holds a finished
+   ``run.json`` of the same identity (re-running a sweep skips what finished);
+2. checks the config (:func:`benchmarks.app.checks.check_config`);
+3. builds the source model, wraps it with :func:`tta.adapt` and evaluates it online on the
+   stream (:func:`benchmarks.evaluation.evaluate`, or the batched multi-stream evaluation
+   with ``eval.multi_stream=true``), with a progress bar;
+4. writes the result tables, then ``run.json`` last (all atomically), and logs one summary
+   line.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from benchmarks.app.checks import check_config, check_method, num_streams, stream_config
+from benchmarks.app.errors import BenchConfigError
+from benchmarks.app.identity import abspath, identity, run_key, safe_name
+from benchmarks.app.models import build_model, model_label
+from benchmarks.app.records import load_finished, write_record
+
+logger = logging.getLogger(__name__)
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    """Hydra's output folder of this job (the run folder), or the run dir outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    from benchmarks.app.identity import run_id
+
+    return Path(abspath(str(cfg.paths.output_root))) / str(cfg.name) / run_id(cfg)
+
+
+def method_label(name: str, hparams: dict[str, Any]) -> str:
+    if not hparams:
+        return name
+    inner = ",".join(f"{k}={v}" for k, v in sorted(hparams.items()))
+    return f"{name}({inner})"
+
+
+def setting_of(cfg: DictConfig, stream: Any) -> dict[str, Any]:
+    """What a run was evaluated on, apart from the method and the seed (the report's columns)."""
+    from benchmarks.streams.config import STANDARD_DOMAINS
+
+    order = stream.effective_label_order
+    return {
+        "model": model_label(cfg.model),
+        "dataset": stream.dataset + ("(files)" if stream.source == "files" else ""),
+        "schedule": stream.schedule,
+        "label_order": order,
+        "delta": float(stream.delta) if order == "dirichlet" else None,
+        "severities": ",".join(str(s) for s in stream.severities),
+        "domains": "standard15" if tuple(stream.domains) == STANDARD_DOMAINS else ",".join(stream.domains),
+        "batch_size": int(stream.batch_size),
+        "n_examples": stream.n_examples,
+        "replays": int(stream.replays),
+    }
+
+
+def _check_output_classes(model: torch.nn.Module, num_classes: int, image_size: int, device: str) -> None:
+    with torch.no_grad():
+        out = model(torch.zeros(2, 3, image_size, image_size, device=device))
+    if out.ndim != 2 or out.shape[1] != num_classes:
+        raise BenchConfigError(
+            f"the model outputs shape {tuple(out.shape)} but the dataset has {num_classes} classes "
+            "(set model.num_classes or pick a checkpoint trained on this dataset)"
+        )
+
+
+def summarize(results: list[Any], schedule: str, window: int) -> dict[str, Any]:
+    """One run's numbers from its EvalResult(s) (several with eval.multi_stream)."""
+    from benchmarks.evaluation.metrics import (
+        error_rate,
+        expected_calibration_error,
+        window_errors,
+    )
+
+    correct = np.concatenate([r.records.correct for r in results]) if results else np.zeros(0, bool)
+    confidence = np.concatenate([r.records.confidence for r in results]) if results else np.zeros(0)
+    domain_errors: dict[str, float] = {}
+    pair_errors: dict[str, float] = {}
+    curve_start: list[int] = []
+    curve_stop: list[int] = []
+    curve_error: list[float] = []
+    segments: list[dict[str, Any]] = []
+    offset = 0
+    for r in results:
+        domain_errors.update(r.domain_errors())
+        pair_errors.update({f"{d}@{s}": e for (d, s), e in r.domain_severity_errors().items()})
+        bounds, errors = window_errors(r.records.correct, window)
+        curve_start += [int(b) + offset for b in bounds[:-1]]
+        curve_stop += [int(b) + offset for b in bounds[1:]]
+        curve_error += [float(e) for e in errors]
+        for seg in (r.config or {}).get("segments", []):
+            segments.append({**seg, "start": int(seg["start"]) + offset, "stop": int(seg["stop"]) + offset})
+        offset += len(r.records)
+    headline = list(pair_errors.values()) if schedule == "gradual" else list(domain_errors.values())
+    seconds = max((r.seconds for r in results), default=0.0)
+    model_seconds = max((r.model_seconds for r in results), default=0.0)
+    images = int(correct.size)
+    return {
+        "mean_error": float(np.mean(headline)) if headline else float("nan"),
+        "error": error_rate(correct),
+        "ece": expected_calibration_error(confidence, correct),
+        "domain_errors": domain_errors,
+        "domain_severity_errors": pair_errors,
+        "num_samples": images,
+        "num_batches": int(sum(r.num_batches for r in results)),
+        "num_streams": len(results),
+        "seconds": seconds,
+        "model_seconds": model_seconds,
+        "images_per_s": images / seconds if seconds > 0 else float("nan"),
+        "peak_memory_mb": max((r.peak_memory_mb for r in results), default=float("nan")),
+        "peak_memory_kind": results[0].peak_memory_kind if results else "",
+        "curve": {"window": window, "start": curve_start, "stop": curve_stop, "error": curve_error},
+        "segments": segments,
+    }
+
+
+def summary_line(record: dict[str, Any], *, skipped: bool = False) -> str:
+    s = record["summary"]
+    setting = record["setting"]
+    order = setting["label_order"] + (f"(delta={setting['delta']:g})" if setting.get("delta") is not None else "")
+    head = "skipped (finished earlier)" if skipped else "finished"
+    return (
+        f"{head} | {record['method']['label']} | {setting['model']} | {setting['dataset']} {setting['schedule']} {order} "
+        f"seed={record.get('seed')} | mean error {100 * s['mean_error']:.2f}% over {len(s['domain_errors'])} domains, "
+        f"overall {100 * s['error']:.2f}% | {s['num_samples']} images in {s['seconds']:.1f} s "
+        f"| {record['_dir'] if '_dir' in record else record.get('run_id')}"
+    )
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run (or skip) one benchmark config; returns its summary."""
+    out_dir = output_dir(cfg)
+    ident = identity(cfg)
+    key = run_key(ident)
+    if cfg.runtime.skip_finished:
+        done = load_finished(out_dir, ident)
+        if done is not None:
+            logger.info(summary_line(done, skipped=True))
+            return done["summary"]
+
+    check_config(cfg)
+    if cfg.runtime.num_threads:
+        torch.set_num_threads(int(cfg.runtime.num_threads))
+    progress = bool(cfg.runtime.progress) if cfg.runtime.progress is not None else sys.stderr.isatty()
+    device = str(cfg.device)
+    stream_cfg = stream_config(cfg)
+    spec = str(cfg.method.name)
+    streams_n = num_streams(cfg)
+    hparams = check_method(spec, dict(OmegaConf.to_container(cfg.method.hparams, resolve=True)), streams_n)
+
+    import tta
+    from benchmarks.evaluation import evaluate, evaluate_multi_stream, write_results
+    from benchmarks.streams import build_domain_streams, build_stream
+
+    tick = time.perf_counter()
+    model = build_model(cfg.model, num_classes=int(cfg.dataset.num_classes), device=device, progress=progress)
+    _check_output_classes(model, int(cfg.model.num_classes or cfg.dataset.num_classes), int(cfg.dataset.image_size), device)
+    torch.manual_seed(int(cfg.seed))  # methods that draw random state at wrap time (UnMix-TNS)
+    logger.info("run %s-%s: %s on %s (%s)", safe_name(spec), key, method_label(spec, hparams), model_label(cfg.model), out_dir)
+    if cfg.eval.multi_stream:
+        streams = build_domain_streams(stream_cfg)
+        adapted = tta.adapt(model, spec, num_streams=streams_n, **hparams)
+        results = evaluate_multi_stream(
+            adapted, streams, window=int(cfg.eval.window), n_bins=int(cfg.eval.n_bins), progress=progress, device=device
+        )
+    else:
+        stream = build_stream(stream_cfg)
+        adapted = tta.adapt(model, spec, **hparams)
+        results = [
+            evaluate(
+                adapted, stream, window=int(cfg.eval.window), n_bins=int(cfg.eval.n_bins), progress=progress,
+                name=safe_name(spec), device=device,
+            )
+        ]
+
+    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    files = write_results(results, out_dir, config={"app": resolved, "streams": [r.config for r in results]})
+    record = {
+        "run_id": out_dir.name,
+        "run_key": key,
+        "name": str(cfg.name),
+        "seed": int(cfg.seed),
+        "method": {"name": spec, "hparams": hparams, "label": method_label(spec, hparams)},
+        "setting": setting_of(cfg, stream_cfg),
+        "summary": summarize(results, stream_cfg.schedule, int(cfg.eval.window)),
+        "identity": ident,
+        "files": sorted(p.name for p in files.values()),
+        "wall_seconds": time.perf_counter() - tick,
+    }
+    write_record(out_dir, record)  # last: its presence marks the run finished
+    logger.info(summary_line({**record, "_dir": str(out_dir)}))
+    return record["summary"]

@@ -1,0 +1,199 @@
+"""Structured configs: the typed schema every composed benchmark config is checked against.
+
+Each config group of ``conf/`` fills one node of :class:`AppConfig`; Hydra merges the YAML
+files and the command-line overrides into these dataclasses, so a wrong type
+(``stream.batch_size=abc``), an unknown key (``stream.batchsize=8``) or a value outside an
+enumeration (``stream.schedule=contnual``) fails with Hydra's own error before any work
+starts. Checks that need the code (is a method registered, are its hyperparameters valid,
+is a corruption known) run right after composition, see :mod:`benchmarks.app.checks`.
+
+The dataclasses mirror the code: ``dataset`` + ``stream`` are exactly the fields of
+:class:`benchmarks.streams.StreamConfig` (plus the dataset's class count; the top-level
+``device`` and ``seed`` fill the rest), ``method`` is what :func:`tta.adapt` takes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from benchmarks.streams.config import STANDARD_DOMAINS
+
+
+class Schedule(Enum):
+    reset_each_shift = "reset_each_shift"
+    continual = "continual"
+    mixed = "mixed"
+    mixed_domains = "mixed_domains"
+    gradual = "gradual"
+
+
+class LabelOrder(Enum):
+    iid = "iid"
+    sorted = "sorted"
+    dirichlet = "dirichlet"
+
+
+class Source(Enum):
+    generate = "generate"
+    files = "files"
+
+
+class ModelKind(Enum):
+    #: the built-in digits CNN, trained once and cached (benchmarks.models.digits)
+    digits = "digits"
+    #: any project architecture ("module:callable") with a local checkpoint file
+    project = "project"
+    #: a timm architecture with a local checkpoint file (never pretrained=True)
+    timm = "timm"
+    #: a torchvision architecture with a local checkpoint file (never weights=...)
+    torchvision = "torchvision"
+    #: a RobustBench model zoo entry whose weights file is already on disk
+    robustbench = "robustbench"
+
+
+@dataclass
+class ModelConfig:
+    """Where the source model comes from (see :mod:`benchmarks.app.models`)."""
+
+    kind: ModelKind = ModelKind.digits
+    #: timm/torchvision architecture name, project factory ``"module:callable"``, or the
+    #: RobustBench model name (``Standard``)
+    arch: Optional[str] = None
+    #: weights file (state dict, or a dict holding one under ``state_dict``/``model``)
+    checkpoint: Optional[str] = None
+    #: output classes; default: the dataset's ``num_classes``
+    num_classes: Optional[int] = None
+    #: extra keyword arguments of the architecture factory (digits: training config fields)
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    #: per-channel input normalization applied inside the model (inputs arrive in [0, 1])
+    input_mean: Optional[List[float]] = None
+    input_std: Optional[List[float]] = None
+    #: load_state_dict strictness
+    strict: bool = True
+    #: allow a timm/torchvision/project model without a checkpoint (random weights; smoke tests)
+    random_init: bool = False
+    #: RobustBench: model folder (``<model_dir>/<dataset>/<threat_model>/<arch>.pt``)
+    model_dir: Optional[str] = None
+    robustbench_dataset: str = "cifar10"
+    threat_model: str = "corruptions"
+    #: shown when the weights file is missing: how to produce it
+    hint: Optional[str] = None
+
+
+@dataclass
+class MethodConfig:
+    """A registered method (or ``"<statistics>+<method>"``) and its hyperparameters.
+
+    ``hparams`` is free-form here on purpose: methods register themselves in :mod:`tta`, so
+    the names and types are checked against the method's own ``Hparams`` dataclass at start.
+    """
+
+    name: str = "norm"
+    hparams: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DatasetConfig:
+    """The data side of a stream (the ``dataset``/``source`` fields of StreamConfig)."""
+
+    name: str = "digits"
+    source: Source = Source.generate
+    data_root: Optional[str] = None
+    split: str = "test"
+    image_size: int = 32
+    num_classes: int = 10
+
+
+@dataclass
+class StreamSchema:
+    """The schedule side of a stream (the remaining fields of StreamConfig)."""
+
+    domains: List[str] = field(default_factory=lambda: list(STANDARD_DOMAINS))
+    severities: List[int] = field(default_factory=lambda: [5])
+    schedule: Schedule = Schedule.continual
+    label_order: LabelOrder = LabelOrder.iid
+    delta: float = 0.1
+    batch_size: int = 64
+    n_examples: Optional[int] = None
+    replays: int = 1
+    seed: int = 1
+    corruption_seed: int = 0
+    #: round generated corruptions to 8 bits like the official files (ALGORITHMS.md §9.1)
+    quantize: bool = False
+    dirichlet_min_chunk: int = 10
+    dirichlet_timeout_s: float = 120.0
+
+
+@dataclass
+class EvalConfig:
+    #: samples per window of the error-over-the-stream curve
+    window: int = 1000
+    #: ECE bins
+    n_bins: int = 15
+    #: run the domains of a reset_each_shift stream as parallel streams through one batched
+    #: forward (statistics methods only; same per-domain results, faster)
+    multi_stream: bool = False
+
+
+@dataclass
+class RuntimeConfig:
+    """How a run executes; not part of its identity (changing these never re-runs a result)."""
+
+    #: tqdm progress bars; None: only when stderr is a terminal
+    progress: Optional[bool] = None
+    #: torch intra-op threads; None keeps torch's default
+    num_threads: Optional[int] = None
+    #: return the stored result of a finished run instead of running it again
+    skip_finished: bool = True
+
+
+@dataclass
+class PathsConfig:
+    """Where things are; not part of a run's identity."""
+
+    output_root: str = "outputs"
+    cache_dir: str = "${tta.cache_dir:}"
+    shared_data: str = "${tta.shared_data:}"
+
+
+@dataclass
+class AppConfig:
+    """The whole configuration of one benchmark run."""
+
+    #: experiment name: results go to ``<paths.output_root>/<name>/<run id>``
+    name: str = "default"
+    #: global seed: torch RNG before wrapping (UnMix-TNS draws its initial noise) and,
+    #: through ``stream.seed: ${seed}``, the stream's sample order
+    seed: int = 1
+    device: str = "cpu"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    stream: StreamSchema = field(default_factory=StreamSchema)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+#: Top-level keys and dotted paths that do not change what a run computes. They are left
+#: out of the run identity, so moving data or outputs, or changing threads or progress bars,
+#: never invalidates a finished result.
+NON_IDENTITY_KEYS: tuple[str, ...] = (
+    "name",
+    "runtime",
+    "paths",
+    "dataset.data_root",
+    "model.model_dir",
+    "model.hint",
+)
+
+SCHEMA_NAME = "tta_bench_schema"
+
+
+def register_configs() -> None:
+    """Register the schema in Hydra's ConfigStore (idempotent)."""
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=AppConfig)

@@ -1,0 +1,180 @@
+"""Label orders of a test stream: i.i.d., class-sorted and Dirichlet-correlated (§9.2).
+
+All functions return an *index order* into the label vector they are given and take an
+explicit NumPy random generator, so a stream is reproducible from its seed alone.
+
+The Dirichlet sampler follows the procedure of NOTE (Gong et al., NeurIPS 2022) as used by the
+mariodoebler test-time-adaptation benchmark and UnMix-TNS (ALGORITHMS.md §9.2). The official
+code draws from NumPy's *global* RNG (seeded per domain with the run seed); here the generator
+is passed in. Passing ``np.random.RandomState(seed)`` consumes randomness in the same order as
+the official code after ``np.random.seed(seed)``; the library itself uses a seeded
+``np.random.Generator``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+RandomSource = np.random.Generator | np.random.RandomState
+
+
+def iid_order(n: int, rng: RandomSource) -> np.ndarray:
+    """A seeded uniform shuffle of ``range(n)``."""
+    return np.asarray(rng.permutation(n), dtype=np.int64)
+
+
+def sorted_order(labels: np.ndarray) -> np.ndarray:
+    """Indices that sort ``labels`` by class, keeping the existing order inside a class.
+
+    Stable, like the official ``list.sort(key=label)`` applied to an already shuffled list.
+    """
+    return np.argsort(np.asarray(labels), kind="stable").astype(np.int64)
+
+
+def dirichlet_chunks(
+    labels: np.ndarray,
+    num_classes: int,
+    delta: float,
+    rng: RandomSource,
+    *,
+    min_chunk_size: int = 10,
+    timeout_s: float = 120.0,
+) -> list[list[np.ndarray]]:
+    """Step 1 of §9.2: assign every sample to one of ``num_classes`` chunks.
+
+    Each class's samples are shuffled and spread over the chunks with proportions drawn from
+    ``Dir(delta * 1)``; chunks that already hold at least ``N / num_classes`` samples get no
+    more (their proportion is zeroed). The whole assignment is redrawn until every chunk holds
+    at least ``min_chunk_size`` samples (``ValueError`` after ``timeout_s`` seconds).
+
+    Returns:
+        ``pieces[j][k]``: the positions (into ``labels``) of class ``k`` in chunk ``j``.
+    """
+    if delta <= 0:
+        raise ValueError(f"delta must be > 0 (use sorted_order for delta == 0), got {delta}")
+    labels = np.asarray(labels)
+    n = len(labels)
+    num_chunks = int(num_classes)
+    if num_chunks < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    # Positions of each class in the given order (np.flatnonzero keeps that order).
+    per_class = [np.flatnonzero(labels == k) for k in range(num_chunks)]
+    alpha = np.full(num_chunks, float(delta))
+    capacity = n / num_chunks
+    start = time.monotonic()
+    while True:
+        chunk_sizes = np.zeros(num_chunks, dtype=np.int64)
+        pieces: list[list[np.ndarray]] = [[] for _ in range(num_chunks)]
+        for k in range(num_chunks):
+            members = per_class[k].copy()
+            rng.shuffle(members)
+            proportions = rng.dirichlet(alpha) * (chunk_sizes < capacity)
+            total = proportions.sum()
+            if total > 0:
+                proportions = proportions / total
+            else:
+                # Every open chunk drew an exact 0 (float underflow at tiny delta); the official
+                # code would divide by zero here. Spread evenly over the open chunks instead.
+                open_chunks = chunk_sizes < capacity
+                proportions = open_chunks / open_chunks.sum()
+            cuts = (np.cumsum(proportions) * len(members)).astype(np.int64)[:-1]
+            for j, piece in enumerate(np.split(members, cuts)):
+                pieces[j].append(piece)
+                chunk_sizes[j] += len(piece)
+        if chunk_sizes.min() >= min_chunk_size:
+            return pieces
+        if time.monotonic() - start > timeout_s:
+            raise ValueError(
+                f"no Dirichlet order with >= {min_chunk_size} samples per chunk found in "
+                f"{timeout_s:.0f} s for delta={delta}, N={n}, C={num_chunks}; try another delta "
+                "or a smaller min_chunk_size"
+            )
+
+
+def dirichlet_order(
+    labels: np.ndarray,
+    num_classes: int,
+    delta: float,
+    rng: RandomSource,
+    *,
+    min_chunk_size: int = 10,
+    timeout_s: float = 120.0,
+) -> np.ndarray:
+    """Label-correlated order of ``labels`` with Dirichlet concentration ``delta`` (§9.2).
+
+    Chunks come from :func:`dirichlet_chunks` and are emitted in order; inside a chunk the
+    classes come in a fresh random order, each class's piece contiguously.
+
+    Small ``delta`` puts each class into few chunks, giving long single-class runs; large
+    ``delta`` spreads classes evenly, but each chunk is still emitted class by class, so the
+    stream stays label-correlated (``delta -> inf`` is not i.i.d.).
+
+    Args:
+        labels: int labels in stream order (usually already shuffled).
+        num_classes: number of classes C (also the number of chunks).
+        delta: concentration δ > 0.
+        rng: ``np.random.Generator`` or ``np.random.RandomState``.
+        min_chunk_size: minimum samples per chunk (10 in the official code).
+        timeout_s: seconds before the retry loop gives up (120 in the official code).
+
+    Returns:
+        int64 index array, a permutation of ``range(len(labels))``.
+    """
+    pieces = dirichlet_chunks(
+        labels, num_classes, delta, rng, min_chunk_size=min_chunk_size, timeout_s=timeout_s
+    )
+    emitted = [chunk[k] for chunk in pieces for k in rng.permutation(len(chunk))]
+    return np.concatenate(emitted).astype(np.int64) if emitted else np.zeros(0, dtype=np.int64)
+
+
+def order_labels(
+    labels: np.ndarray,
+    kind: str,
+    rng: RandomSource,
+    *,
+    num_classes: int,
+    delta: float = 0.1,
+    min_chunk_size: int = 10,
+    timeout_s: float = 120.0,
+) -> np.ndarray:
+    """The index order of one stream segment: shuffle, then apply the label order.
+
+    Mirrors the official loaders (§9.3): the sample list is always shuffled with the seeded
+    generator first; ``"sorted"`` then sorts it stably by class and ``"dirichlet"`` reorders
+    it with :func:`dirichlet_order` (δ = 0 means sorted).
+    """
+    shuffled = iid_order(len(labels), rng)
+    if kind == "iid":
+        return shuffled
+    if kind == "sorted" or (kind == "dirichlet" and delta == 0):
+        return shuffled[sorted_order(np.asarray(labels)[shuffled])]
+    if kind == "dirichlet":
+        inner = dirichlet_order(
+            np.asarray(labels)[shuffled],
+            num_classes,
+            delta,
+            rng,
+            min_chunk_size=min_chunk_size,
+            timeout_s=timeout_s,
+        )
+        return shuffled[inner]
+    raise ValueError(f"unknown label order {kind!r}")
+
+
+def label_runs(labels: np.ndarray) -> np.ndarray:
+    """Lengths of the maximal runs of identical consecutive labels, in stream order."""
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    change = np.flatnonzero(labels[1:] != labels[:-1]) + 1
+    bounds = np.concatenate(([0], change, [labels.size]))
+    return np.diff(bounds).astype(np.int64)
+
+
+def mean_run_length(labels: np.ndarray) -> float:
+    """Mean length of identical-label runs: about C/(C-1) for an i.i.d. balanced stream,
+    the class size for a sorted one (a measure of temporal label correlation, §9.2)."""
+    runs = label_runs(labels)
+    return float(runs.mean()) if runs.size else 0.0

@@ -1,0 +1,138 @@
+"""The per-sample plan of a stream: which image, label, domain, severity at each position.
+
+Planning is cheap (index arithmetic on NumPy arrays, no images touched), so the whole order of
+a stream is known before the first batch is built; batches are then slices of the plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+import numpy as np
+
+from benchmarks.streams.config import StreamConfig
+from benchmarks.streams.label_order import order_labels
+from benchmarks.streams.schedule import Segment, build_segments
+from benchmarks.streams.sources import DomainSource
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """Per-sample arrays of a stream (all of length ``num_samples``), in stream order.
+
+    Attributes:
+        domains: the configured domain names; ``domain_id`` indexes into it.
+        segments: the schedule's segments; ``segment_id`` indexes into it.
+        keys: source cache keys; ``key_id`` indexes into it.
+        segment_bounds: start offset of every segment, plus the total length.
+        batch_bounds: start offset of every batch, plus the total length.
+        labels, domain_id, severity, segment_id, key_id: per-sample values.
+        base_index: row of the sample in its source arrays.
+        sample_id: id of the sample's corruption draw: ``replay * n + base_index`` where ``n``
+            is the number of rows used from the source (so each replay is a fresh draw while
+            the same image in another domain or segment keeps its id).
+    """
+
+    domains: tuple[str, ...]
+    segments: tuple[Segment, ...]
+    keys: tuple[Hashable, ...]
+    num_classes: int
+    segment_bounds: np.ndarray
+    batch_bounds: np.ndarray
+    labels: np.ndarray
+    domain_id: np.ndarray
+    severity: np.ndarray
+    segment_id: np.ndarray
+    key_id: np.ndarray
+    base_index: np.ndarray
+    sample_id: np.ndarray
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def num_batches(self) -> int:
+        return int(self.batch_bounds.shape[0] - 1)
+
+    def batch_sizes(self) -> np.ndarray:
+        return np.diff(self.batch_bounds)
+
+    def batch_resets(self) -> np.ndarray:
+        """Whether the method is reset before each batch (first batch of a resetting segment)."""
+        resetting = np.array([s.reset for s in self.segments], dtype=bool)
+        return np.isin(self.batch_bounds[:-1], self.segment_bounds[:-1][resetting])
+
+
+def plan_stream(config: StreamConfig, source: DomainSource) -> StreamPlan:
+    """Lay out every sample of ``config``'s stream in order (§9.2, §9.3).
+
+    For each segment: pool the samples of its domain(s) (the first ``n_examples`` rows of
+    each source, ``replays`` times), shuffle with a generator freshly seeded with
+    ``config.seed`` (as the official loaders reseed per domain, so every domain presents the
+    same image order), apply the label order, and cut into batches of ``batch_size`` (the
+    last one of a segment may be smaller).
+    """
+    segments = tuple(build_segments(config))
+    keys: list[Hashable] = []
+    key_index: dict[Hashable, int] = {}
+    domain_index = {d: i for i, d in enumerate(config.domains)}
+    num_classes: int | None = None
+    fields = ("labels", "domain_id", "severity", "segment_id", "key_id", "base_index", "sample_id")
+    columns: dict[str, list[np.ndarray]] = {name: [] for name in fields}
+    segment_bounds = [0]
+    batch_bounds = [0]
+    for seg_id, segment in enumerate(segments):
+        pool: dict[str, list[np.ndarray]] = {name: [] for name in columns}
+        for domain in segment.domains:
+            key = source.key(domain, segment.severity)
+            if key not in key_index:
+                key_index[key] = len(keys)
+                keys.append(key)
+            arrays = source.load(domain, segment.severity)
+            if num_classes is None:
+                num_classes = arrays.num_classes
+            elif arrays.num_classes != num_classes:
+                raise ValueError(
+                    f"domain {domain!r} has {arrays.num_classes} classes, expected {num_classes}"
+                )
+            n = len(arrays) if config.n_examples is None else min(len(arrays), config.n_examples)
+            if n == 0:
+                raise ValueError(f"domain {domain!r} at severity {segment.severity} has no samples")
+            virtual = np.arange(n * config.replays, dtype=np.int64)
+            base = virtual % n
+            pool["labels"].append(arrays.labels[base])
+            pool["domain_id"].append(np.full(virtual.shape, domain_index[domain], dtype=np.int64))
+            pool["severity"].append(np.full(virtual.shape, segment.severity, dtype=np.int64))
+            pool["segment_id"].append(np.full(virtual.shape, seg_id, dtype=np.int64))
+            pool["key_id"].append(np.full(virtual.shape, key_index[key], dtype=np.int64))
+            pool["base_index"].append(base)
+            pool["sample_id"].append(virtual)
+        merged = {name: np.concatenate(parts) for name, parts in pool.items()}
+        rng = np.random.default_rng(config.seed)
+        order = order_labels(
+            merged["labels"],
+            config.effective_label_order,
+            rng,
+            num_classes=int(num_classes),  # type: ignore[arg-type]
+            delta=config.delta,
+            min_chunk_size=config.dirichlet_min_chunk,
+            timeout_s=config.dirichlet_timeout_s,
+        )
+        for name in columns:
+            columns[name].append(merged[name][order])
+        start, stop = segment_bounds[-1], segment_bounds[-1] + len(order)
+        batch_bounds.extend(range(start + config.batch_size, stop, config.batch_size))
+        batch_bounds.append(stop)
+        segment_bounds.append(stop)
+    arrays_out = {name: np.concatenate(parts) for name, parts in columns.items()}
+    return StreamPlan(
+        domains=config.domains,
+        segments=segments,
+        keys=tuple(keys),
+        num_classes=int(num_classes or 0),
+        segment_bounds=np.asarray(segment_bounds, dtype=np.int64),
+        batch_bounds=np.asarray(batch_bounds, dtype=np.int64),
+        **arrays_out,
+    )

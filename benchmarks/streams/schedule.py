@@ -1,0 +1,58 @@
+"""Domain schedules: which (domain, severity) blocks a stream visits, and where it resets (§9.3).
+
+A stream is a sequence of *segments*. A segment is one pass over a domain's samples at one
+severity (or, for the mixed schedule, over all domains' samples together). Segments are the
+units the official code builds one data loader for, so batches never straddle them and the
+last batch of a segment may be smaller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from benchmarks.streams.config import StreamConfig
+
+MIXED = "mixed"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One contiguous block of a stream.
+
+    Attributes:
+        domains: the domain(s) whose samples the segment holds (all domains when mixed).
+        severity: the severity of every sample in the segment.
+        reset: whether the method is reset before the segment's first batch.
+    """
+
+    domains: tuple[str, ...]
+    severity: int
+    reset: bool
+
+    @property
+    def name(self) -> str:
+        """The domain name, or ``"mixed"`` for a segment holding several domains."""
+        return self.domains[0] if len(self.domains) == 1 else MIXED
+
+
+def build_segments(config: StreamConfig) -> list[Segment]:
+    """The segments of ``config``'s schedule, in stream order.
+
+    * ``reset_each_shift``: domain by domain, severities inner; reset at every new domain.
+    * ``continual``: the same order; reset only before the first batch.
+    * ``gradual``: each domain at severities 1,2,3,4,5,4,3,2,1 (when one severity is
+      configured, otherwise the configured list); reset only before the first batch.
+    * ``mixed``: one segment per severity holding all domains' samples shuffled together;
+      reset only before the first batch.
+    """
+    severities = config.severity_sequence()
+    segments: list[Segment] = []
+    if config.schedule == "mixed":
+        for severity in severities:
+            segments.append(Segment(config.domains, severity, reset=not segments))
+        return segments
+    for domain in config.domains:
+        for i, severity in enumerate(severities):
+            reset = not segments or (config.schedule == "reset_each_shift" and i == 0)
+            segments.append(Segment((domain,), severity, reset=reset))
+    return segments

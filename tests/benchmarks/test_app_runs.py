@@ -1,0 +1,112 @@
+"""In-process runs of the task function: results, skipping, crashes, multi-stream, gradual."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+
+import benchmarks.app  # noqa: F401
+import benchmarks.app.runner as runner
+from benchmarks.app.identity import run_id
+from benchmarks.app.records import RECORD_NAME, read_record, scan_runs
+from benchmarks.report import ReportError, make_report
+
+TINY = [
+    "experiment=digits_quick",
+    "stream.domains=[gaussian_noise,contrast]",
+    "stream.n_examples=48",
+    "stream.batch_size=24",
+    "runtime.progress=false",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _digits_model() -> None:
+    from benchmarks.models.digits import digits_source_model
+
+    digits_source_model()  # trained once, cached in $TTA_CACHE_DIR (default ~/.cache/tta)
+
+
+def make(tmp_path: Path, *overrides: str):  # noqa: ANN201
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        return compose(config_name="config", overrides=[*TINY, f"paths.output_root={tmp_path}", *overrides])
+
+
+def test_run_writes_results_then_record_and_skips_when_finished(tmp_path: Path) -> None:
+    cfg = make(tmp_path, "method=norm")
+    summary = runner.run(cfg)
+    run_dir = tmp_path / "digits_quick" / run_id(cfg)
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"results.csv", "results.json", "config.json", RECORD_NAME} <= names
+    assert not [n for n in names if n.endswith(".tmp")]
+    record = read_record(run_dir / RECORD_NAME)
+    assert record["method"]["name"] == "norm" and record["seed"] == 1
+    assert list(record["summary"]["domain_errors"]) == ["gaussian_noise", "contrast"]
+    assert record["summary"]["num_samples"] == 96 and record["summary"]["num_batches"] == 4
+    assert summary["mean_error"] == pytest.approx(record["summary"]["mean_error"])
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["app"]["method"]["name"] == "norm"
+    mtime = (run_dir / RECORD_NAME).stat().st_mtime_ns
+
+    again = runner.run(make(tmp_path, "method=norm"))  # skipped: nothing is rewritten
+    assert (run_dir / RECORD_NAME).stat().st_mtime_ns == mtime
+    assert again["mean_error"] == pytest.approx(summary["mean_error"])
+
+    forced = make(tmp_path, "method=norm", "runtime.skip_finished=false")
+    runner.run(forced)
+    assert (run_dir / RECORD_NAME).stat().st_mtime_ns != mtime
+
+
+def test_crash_before_the_record_leaves_nothing_the_report_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = make(tmp_path, "method=source")
+    run_dir = tmp_path / "digits_quick" / run_id(cfg)
+    (run_dir / ".hydra").mkdir(parents=True)  # as Hydra creates it before the task runs
+
+    def killed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise KeyboardInterrupt  # e.g. Ctrl-C or a signal right after the tables were written
+
+    monkeypatch.setattr(runner, "write_record", killed)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(cfg)
+    assert (run_dir / "results.json").is_file() and not (run_dir / RECORD_NAME).exists()
+    with pytest.raises(ReportError, match="never wrote run.json"):
+        make_report([tmp_path])
+    monkeypatch.undo()
+
+    # a crash inside an atomic write (here: the final rename fails) leaves no record and no
+    # temporary file behind
+    import benchmarks.evaluation.writers as writers
+
+    def broken_replace(src, dst):  # noqa: ANN001, ANN202
+        raise OSError("disk full")
+
+    monkeypatch.setattr(writers.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        runner.run(cfg)
+    monkeypatch.undo()
+    assert not (run_dir / RECORD_NAME).exists()
+    assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+    assert scan_runs([tmp_path]).finished == []
+
+    runner.run(cfg)  # the re-run finishes it
+    assert len(scan_runs([tmp_path]).finished) == 1
+
+
+def test_multi_stream_matches_separate_reset_runs(tmp_path: Path) -> None:
+    sequential = runner.run(make(tmp_path, "method=norm", "stream=reset_each_shift", "stream.domains=[gaussian_noise,contrast]"))
+    parallel = runner.run(
+        make(tmp_path, "method=norm", "stream=reset_each_shift", "stream.domains=[gaussian_noise,contrast]", "eval.multi_stream=true")
+    )
+    assert parallel["num_streams"] == 2
+    assert parallel["domain_errors"] == pytest.approx(sequential["domain_errors"])
+    assert parallel["mean_error"] == pytest.approx(sequential["mean_error"])
+
+
+def test_gradual_headline_averages_domain_severity_pairs(tmp_path: Path) -> None:
+    summary = runner.run(make(tmp_path, "method=source", "stream=gradual", "stream.domains=[contrast]", "stream.n_examples=24"))
+    pairs = summary["domain_severity_errors"]
+    assert sorted(pairs) == [f"contrast@{s}" for s in range(1, 6)]
+    assert summary["mean_error"] == pytest.approx(sum(pairs.values()) / len(pairs))
