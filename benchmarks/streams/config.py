@@ -11,24 +11,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from benchmarks.corruptions import CORRUPTIONS
+
 # The 15 standard corruptions in the order every test-time paper presents them (§9.3).
-STANDARD_DOMAINS: tuple[str, ...] = (
-    "gaussian_noise",
-    "shot_noise",
-    "impulse_noise",
-    "defocus_blur",
-    "glass_blur",
-    "motion_blur",
-    "zoom_blur",
-    "snow",
-    "frost",
-    "fog",
-    "brightness",
-    "contrast",
-    "elastic_transform",
-    "pixelate",
-    "jpeg_compression",
-)
+STANDARD_DOMAINS: tuple[str, ...] = CORRUPTIONS
 
 #: Domain names that mean "no corruption" ("none" is what the mariodoebler benchmark uses).
 CLEAN_DOMAINS: frozenset[str] = frozenset({"clean", "none"})

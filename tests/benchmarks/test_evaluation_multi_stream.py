@@ -10,32 +10,13 @@ from torch import nn
 from benchmarks.evaluation import check_aligned, evaluate, evaluate_multi_stream
 from benchmarks.streams import GeneratedSource, StreamConfig, build_domain_streams
 from tests.benchmarks.test_streams import RecordingCorruption, tiny_arrays
+from tests.tta.helpers import small_bn_cnn
 
 tta = pytest.importorskip("tta")
 
 
-def bn_net(num_classes: int = 3, width: int = 8, seed: int = 0) -> nn.Module:
-    """A small conv-BN network with non-trivial source statistics."""
-    generator = torch.Generator().manual_seed(seed)
-    net = nn.Sequential(
-        nn.Conv2d(3, width, 3, padding=1),
-        nn.BatchNorm2d(width),
-        nn.ReLU(),
-        nn.Conv2d(width, width, 3, stride=2, padding=1),
-        nn.BatchNorm2d(width),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(width, num_classes),
-    )
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 0.2 + 0.3)
-                m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
-    return net.eval()
+def bn_net() -> nn.Module:
+    return small_bn_cnn(num_classes=3, width=8)
 
 
 def per_domain_streams(**overrides):
