@@ -1,3 +1,4 @@
 """Built-in methods. Importing a module registers its method (one line per method)."""
 
 from tta.methods import alpha_bn, norm, source, unmix_tns  # noqa: F401
+from tta.methods import bcn, lame, sar, tent  # noqa: F401

@@ -1,0 +1,123 @@
+"""Shared pieces of the entropy-minimization methods (TENT, SAR): the entropy, the choice of
+trainable normalization parameters, the optimizer, and a device-side guard against
+non-finite gradients.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from tta.layers.base import AdaptiveNorm
+
+
+def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Per-sample entropy ``H(y) = -sum_c softmax(y)_c log_softmax(y)_c`` (spec §1), in fp32.
+
+    One ``log_softmax`` and one ``exp``; the result has shape ``(N,)`` for logits ``(N, C)``.
+    """
+    log_p = torch.log_softmax(logits.float(), dim=1)
+    return -(log_p.exp() * log_p).sum(1)
+
+
+def is_norm_module(module: nn.Module) -> bool:
+    """Normalization layers whose affine parameters entropy methods adapt: this library's
+    statistics layers (which replace BatchNorm), any remaining BatchNorm, GroupNorm and
+    LayerNorm (and their subclasses, e.g. timm's ``LayerNorm2d``, ``GroupNorm1``), and
+    :class:`tta.layers.BatchChannelNorm2d`."""
+    from tta.layers.bcn import BatchChannelNorm2d
+
+    return isinstance(module, (AdaptiveNorm, _BatchNorm, nn.GroupNorm, nn.LayerNorm, BatchChannelNorm2d))
+
+
+def norm_parameters(model: nn.Module, exclude: Sequence[str] = ()) -> list[tuple[str, nn.Parameter]]:
+    """``(qualified name, parameter)`` of the affine parameters of every normalization layer.
+
+    A layer is skipped when any regular expression of ``exclude`` matches its qualified module
+    name (``re.search``). The affine parameters are the layer's own parameters (``weight``,
+    ``bias``; BCN's ``group_weight``/``group_bias`` too), never its children's.
+    """
+    patterns = [re.compile(rule) for rule in exclude]
+    selected: list[tuple[str, nn.Parameter]] = []
+    for module_name, module in model.named_modules():
+        if not is_norm_module(module) or any(p.search(module_name) for p in patterns):
+            continue
+        for param_name, param in module.named_parameters(recurse=False):
+            selected.append((f"{module_name}.{param_name}" if module_name else param_name, param))
+    return selected
+
+
+def configure_trainable(model: nn.Module, params: Iterable[nn.Parameter], method: str) -> list[nn.Parameter]:
+    """Freeze every parameter of ``model`` except ``params`` (which get ``requires_grad``)."""
+    params = list(params)
+    if not params:
+        raise ValueError(
+            f"method {method!r} found no normalization parameters to adapt (BatchNorm, GroupNorm, "
+            "LayerNorm or this library's statistics layers, minus the excluded names)"
+        )
+    model.requires_grad_(False)
+    for param in params:
+        param.requires_grad_(True)
+    return params
+
+
+def nonfinite_guard_(grads: Sequence[torch.Tensor], norms: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """Zero all ``grads`` when any of them holds NaN/Inf; return their global L2 norm (0 then).
+
+    Decided on the device (no host synchronisation): a batch with NaN/Inf somewhere in the
+    forward (e.g. a NaN pixel under batch statistics) contributes no gradient instead of
+    poisoning the adapted parameters for good. The optimizer still applies its momentum, as
+    for any zero-gradient step. ``norms`` are the per-tensor norms when already computed.
+    """
+    if not grads:
+        return torch.zeros(())
+    if norms is None:
+        norms = torch._foreach_norm(list(grads))
+    total = torch.linalg.vector_norm(torch.stack(list(norms)))
+    bad = ~torch.isfinite(total)
+    for grad in grads:
+        grad.masked_fill_(bad, 0.0)
+    return total.masked_fill(bad, 0.0)
+
+
+def present_grads(params: Sequence[nn.Parameter]) -> tuple[list[nn.Parameter], list[torch.Tensor]]:
+    """The parameters that received a gradient in the last backward, and those gradients."""
+    with_grad = [p for p in params if p.grad is not None]
+    return with_grad, [p.grad for p in with_grad]  # type: ignore[misc]
+
+
+def build_optimizer(
+    params: Sequence[nn.Parameter],
+    name: str,
+    lr: float,
+    *,
+    beta: float = 0.9,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+) -> torch.optim.Optimizer:
+    """Adam (``betas = (beta, 0.999)``) or SGD (``momentum``, dampening 0, ``nesterov``)."""
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=(beta, 0.999), weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(
+            params, lr=lr, momentum=momentum, dampening=0.0, weight_decay=weight_decay,
+            nesterov=nesterov and momentum > 0,
+        )
+    raise ValueError(f"optimizer must be 'adam' or 'sgd', got {name!r}")
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer | None) -> dict[str, Any] | None:
+    """A detached deep copy of the optimizer state (later steps do not mutate it)."""
+    return None if optimizer is None else copy.deepcopy(optimizer.state_dict())
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer | None, state: dict[str, Any] | None) -> None:
+    """Load a deep copy, so the caller's dict never aliases the live optimizer state."""
+    if optimizer is not None and state is not None:
+        optimizer.load_state_dict(copy.deepcopy(state))

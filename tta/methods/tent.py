@@ -1,0 +1,118 @@
+"""``tent``: test entropy minimization over normalization affine parameters."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from tta.methods import entropy
+from tta.methods.base import OBJECTIVE, Method
+from tta.registry import register_method
+
+
+@dataclasses.dataclass
+class TentHparams:
+    #: optimizer: "adam" (official CIFAR config) or "sgd" (official ImageNet setting)
+    optimizer: str = "adam"
+    #: learning rate (official: Adam 1e-3 for CIFAR-10-C; SGD 2.5e-4 for ImageNet-C, batch 64)
+    lr: float = 1e-3
+    #: Adam beta_1 (beta_2 is 0.999), official 0.9
+    beta: float = 0.9
+    #: SGD momentum (official 0.9; SGD only)
+    sgd_momentum: float = 0.9
+    #: Nesterov momentum for SGD (official config default True; SGD only)
+    nesterov: bool = True
+    #: weight decay (official 0)
+    weight_decay: float = 0.0
+    #: gradient steps per batch (official 1)
+    steps: int = 1
+    #: restore the wrap-time model and optimizer state before every batch
+    episodic: bool = False
+
+
+@register_method
+class Tent(Method):
+    """TENT (Wang et al., "Tent: Fully Test-Time Adaptation by Entropy Minimization",
+    ICLR 2021, arXiv 2006.10726; ``ALGORITHMS.md`` §2).
+
+    * Normalization: alone, ``tent`` runs on ``norm`` (test-batch statistics, no running
+      statistics kept: the paper's §3 "normalization statistics") on BatchNorm models, and
+      directly on GroupNorm/LayerNorm models; compose it with any statistics method
+      (``"unmix_tns+tent"``, ``"alpha_bn+tent"``, ``"bcn+tent"``).
+    * Parameters: the affine parameters (gamma, beta; paper §3 "transformation parameters")
+      of every normalization layer, including GroupNorm/LayerNorm as the mariodoebler port
+      does (the official code has BatchNorm2d only); everything else is frozen.
+    * Objective per batch: ``L = mean_b H(y_b)`` with ``H(y) = -sum_c p(y_c) log p(y_c)``
+      (paper Eq. 1). One optimizer step per iteration, ``steps`` iterations; the returned
+      prediction is the output of the (last) forward, computed *before* that iteration's
+      update (official behaviour; with ``steps = 1`` it is the pre-update prediction and
+      ``no_adapt()`` returns exactly it).
+    * Episodic: the wrapper restores model and optimizer state before every batch.
+
+    Deviation: the model stays in eval mode (the official code calls ``model.train()``).
+    Normalization ignores the mode (it always uses the batch, as the official code forces);
+    only dropout/stochastic depth differ, which the mariodoebler port also keeps off.
+
+    Robustness: a batch whose forward contains NaN/Inf contributes a zero gradient (checked on
+    the device, see :func:`tta.methods.entropy.nonfinite_guard_`). No host synchronisation
+    in the step.
+    """
+
+    name = "tent"
+    role = OBJECTIVE
+    Hparams = TentHparams
+    default_statistics = "norm"
+
+    def __init__(self, num_streams: int = 1, **hparams: Any) -> None:
+        super().__init__(num_streams, **hparams)
+        self.params: list[nn.Parameter] = []
+        self.param_names: list[str] = []
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    def validate(self) -> None:
+        hp = self.hparams
+        if hp.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {hp.optimizer!r}")
+        if not hp.lr > 0:
+            raise ValueError(f"lr must be > 0, got {hp.lr}")
+        if int(hp.steps) != hp.steps or hp.steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {hp.steps}")
+        for name in ("beta", "sgd_momentum"):
+            if not 0.0 <= getattr(hp, name) < 1.0:
+                raise ValueError(f"{name} must lie in [0, 1), got {getattr(hp, name)}")
+        if hp.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {hp.weight_decay}")
+
+    def convert(self, model: nn.Module) -> nn.Module:
+        named = entropy.norm_parameters(model)
+        self.params = entropy.configure_trainable(model, [p for _, p in named], self.name)
+        self.param_names = [n for n, _ in named]
+        hp = self.hparams
+        self.optimizer = entropy.build_optimizer(
+            self.params, hp.optimizer, hp.lr, beta=hp.beta, momentum=hp.sgd_momentum,
+            weight_decay=hp.weight_decay, nesterov=hp.nesterov,
+        )
+        return model
+
+    def step(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        assert self.optimizer is not None, "convert() must run first"
+        out = None
+        with torch.enable_grad():
+            for _ in range(int(self.hparams.steps)):
+                out = model(x)
+                loss = entropy.softmax_entropy(out).mean()
+                loss.backward()
+                _, grads = entropy.present_grads(self.params)
+                entropy.nonfinite_guard_(grads)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        return out.detach()  # type: ignore[union-attr]
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"optimizer": entropy.optimizer_state(self.optimizer)}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        entropy.load_optimizer_state(self.optimizer, state.get("optimizer"))
