@@ -1,0 +1,1 @@
+"""Experiments that compare normalizations in online continual learning."""

@@ -1,0 +1,49 @@
+"""``python -m continual.harness submission=<file> [key=value ...]``: run, score, record.
+
+Keys are the fields of :class:`continual.harness.config.HarnessConfig`; see
+docs/COMPETITION.md. Exit status 0 when the submission was scored, 1 when it failed (the
+failure is recorded), 2 for a bad command line.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from continual.harness.app import run_competition
+from continual.harness.config import parse_overrides
+
+
+def _protect_memory() -> None:
+    # Linux: make this process non-dumpable, so that an unprivileged process of the same
+    # user cannot read the test labels from /proc/<pid>/mem.
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 4
+    except (OSError, AttributeError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = sys.argv[1:] if argv is None else argv
+    if not arguments or arguments[0] in ("-h", "--help"):
+        print(__doc__)
+        return 2
+    try:
+        config = parse_overrides(arguments)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    _protect_memory()
+    record = run_competition(config, progress=sys.stderr.isatty())
+    if record["status"] == "ok":
+        metrics = ", ".join(f"{k} {100 * v:.2f}" for k, v in record["metrics"].items() if k.startswith(("A_", "F_")) and v is not None)
+        print(f"{record['name']}: {metrics} ({record['run_s']:.1f} s)")
+    else:
+        print(f"{record['name']}: {record['status']}: {record['reason']}")
+    print(f"record: {record['record']}\nleaderboard: {config.results_dir}/leaderboard.md")
+    return 0 if record["status"] == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Harness settings and the ``key=value`` command line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+BENCHMARKS = ("split_digits", "si_blurry_digits", "split_cifar10", "si_blurry_cifar10")
+
+
+@dataclass
+class HarnessConfig:
+    """Everything a competition run depends on.
+
+    Attributes:
+        submission: Python file exposing ``make_strategy(context)`` (see docs/COMPETITION.md).
+        name: leaderboard name (default: the file's stem).
+        benchmark: one of :data:`BENCHMARKS`.
+        num_tasks: tasks T of the stream.
+        seed: seed of the stream order (and handed to the submission).
+        experience_size: samples per training experience the submission receives.
+        eval_period: seen training samples between two anytime evaluations (A_auc).
+        train_per_class, test_per_class: optional per-class subsets (CPU budgets).
+        time_budget_s: wall time from the submission's first instruction to its last
+            prediction (imports of the runtime excluded).
+        memory_budget_mb: memory the submission may allocate beyond the runtime's baseline.
+        startup_timeout_s: how long the runtime (Python, torch, Avalanche) may take to start.
+        threads: CPU threads of the submission process.
+        results_dir: where run records, logs and the leaderboard are written.
+        protected_paths: extra paths the submission may not read (datasets, label files).
+    """
+
+    submission: str = ""
+    name: str = ""
+    benchmark: str = "split_digits"
+    num_tasks: int = 5
+    seed: int = 0
+    experience_size: int = 10
+    eval_period: int = 100
+    train_per_class: int | None = None
+    test_per_class: int | None = None
+    time_budget_s: float = 300.0
+    memory_budget_mb: int = 2048
+    startup_timeout_s: float = 180.0
+    threads: int = 1
+    results_dir: str = "results/competition"
+    protected_paths: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if not self.submission:
+            raise ValueError("submission=<file> is required")
+        if self.benchmark not in BENCHMARKS:
+            raise ValueError(f"benchmark must be one of {BENCHMARKS}, got {self.benchmark!r}")
+        for name in ("num_tasks", "experience_size", "eval_period", "threads", "memory_budget_mb"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.time_budget_s <= 0 or self.startup_timeout_s <= 0:
+            raise ValueError("time budgets must be positive")
+
+    @property
+    def display_name(self) -> str:
+        return self.name or Path(self.submission).stem
+
+
+def _convert(raw: str, annotation: Any, default: Any) -> Any:
+    text = str(annotation)
+    if raw.lower() in ("none", "null") and "None" in text:
+        return None
+    if text.startswith("list"):
+        stripped = raw.strip().strip("[]")
+        return [item.strip() for item in stripped.split(",") if item.strip()]
+    if "int" in text:
+        return int(raw)
+    if "float" in text:
+        return float(raw)
+    return raw
+
+
+def parse_overrides(arguments: list[str]) -> HarnessConfig:
+    """``["submission=x.py", "time_budget_s=60", ...]`` -> a validated :class:`HarnessConfig`.
+
+    Raises:
+        ValueError: an argument is not ``key=value``, names an unknown key or has a bad value.
+    """
+    config = HarnessConfig()
+    known = {f.name: f for f in fields(HarnessConfig)}
+    for argument in arguments:
+        key, sep, raw = argument.partition("=")
+        key = key.strip().lstrip("+")
+        if not sep or key not in known:
+            raise ValueError(f"expected key=value with key in {sorted(known)}, got {argument!r}")
+        spec = known[key]
+        try:
+            setattr(config, key, _convert(raw, spec.type, getattr(config, key)))
+        except ValueError as error:
+            raise ValueError(f"bad value for {key}: {raw!r}") from error
+    config.validate()
+    return config

@@ -1,0 +1,132 @@
+"""Run records and the leaderboard: write-once files, atomic rewrites, nothing ever lost.
+
+Layout under the results folder::
+
+    runs/<run id>.json     one record per run (success or failure), never overwritten
+    logs/<run id>.log      the tail of the submission's output
+    leaderboard.md         rebuilt from all records after every run (atomic replace)
+
+The records are the source of truth; the table is derived from them, so a crash between two
+writes cannot lose an entry.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import tempfile
+import uuid
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+
+def _atomic_write(path: Path, data: bytes, exclusive: bool) -> None:
+    """Write ``data`` to ``path`` through a synced temporary file in the same folder.
+
+    ``exclusive``: publish with ``os.link``, which fails if ``path`` exists (write-once);
+    otherwise ``os.replace`` (atomic overwrite, for derived files).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        if exclusive:
+            os.link(temporary, path)
+        else:
+            os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+class ResultsStore:
+    """The results folder of a competition."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.runs = self.root / "runs"
+        self.logs = self.root / "logs"
+        self.leaderboard = self.root / "leaderboard.md"
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Serialise leaderboard rebuilds of concurrent harness processes."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    @staticmethod
+    def new_run_id(name: str) -> str:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:40] or "submission"
+        return f"{stamp}-{safe}-{uuid.uuid4().hex[:8]}"
+
+    def write_record(self, record: dict[str, Any]) -> Path:
+        """Publish a run record; never replaces an existing one (FileExistsError)."""
+        path = self.runs / f"{record['run_id']}.json"
+        _atomic_write(path, json.dumps(record, indent=1, sort_keys=True).encode(), exclusive=True)
+        return path
+
+    def write_log(self, run_id: str, text: bytes) -> Path:
+        path = self.logs / f"{run_id}.log"
+        _atomic_write(path, text, exclusive=True)
+        return path
+
+    def records(self) -> list[dict[str, Any]]:
+        """All readable run records, oldest first."""
+        found = []
+        for path in sorted(self.runs.glob("*.json")):
+            try:
+                found.append(json.loads(path.read_text()))
+            except (OSError, json.JSONDecodeError) as error:
+                warnings.warn(f"skipping unreadable record {path}: {error}", stacklevel=2)
+        return sorted(found, key=lambda r: r.get("finished_at", ""))
+
+    def write_leaderboard(self) -> Path:
+        """Rebuild ``leaderboard.md`` from every record (under the lock, atomically)."""
+        with self.locked():
+            _atomic_write(self.leaderboard, render_leaderboard(self.records()).encode(), exclusive=False)
+        return self.leaderboard
+
+
+def _pct(value: Any) -> str:
+    return "–" if value is None else f"{100 * float(value):.2f}"
+
+
+def render_leaderboard(records: list[dict[str, Any]]) -> str:
+    """Markdown: successful runs ranked by A_auc (then A_last), then every failed run."""
+    ok = [r for r in records if r.get("status") == "ok"]
+    ok.sort(key=lambda r: (-(r["metrics"].get("A_auc") or 0.0), -(r["metrics"].get("A_last") or 0.0)))
+    lines = [
+        "# Leaderboard",
+        "",
+        "Ranked by A_auc (anytime accuracy), then A_last; accuracies in %, on the classes seen so far.",
+        "",
+        "| rank | submission | A_auc | A_last | A_avg | F_last | time (s) | benchmark | run |",
+        "|---:|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for rank, r in enumerate(ok, 1):
+        m = r["metrics"]
+        lines.append(
+            f"| {rank} | {r['name']} | {_pct(m.get('A_auc'))} | {_pct(m.get('A_last'))} | {_pct(m.get('A_avg'))} | "
+            f"{_pct(m.get('F_last'))} | {r.get('run_s', 0):.1f} | {r['config']['benchmark']} | {r['run_id']} |"
+        )
+    failed = [r for r in records if r.get("status") != "ok"]
+    if failed:
+        lines += ["", "## Failed runs", "", "| submission | status | reason | run |", "|---|---|---|---|"]
+        for r in failed:
+            reason = str(r.get("reason", "")).replace("|", "/").replace("\n", " ")[:160]
+            lines.append(f"| {r['name']} | {r['status']} | {reason} | {r['run_id']} |")
+    return "\n".join(lines) + "\n"

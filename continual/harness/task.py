@@ -1,0 +1,125 @@
+"""The competition stream, built and held by the harness process.
+
+The test labels live only here. The submission receives the training stream piece by piece
+and the test images in a secret random order (so that the order of the test set, often
+grouped by class on disk, tells nothing), and answers with scores.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+
+from benchmarks.data.base import ImageArrays
+from continual.harness.config import HarnessConfig
+from continual.subsets import per_class_subset
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One training experience handed to the submission.
+
+    ``[start, end)`` indexes the training stream; ``periodic_eval`` / ``task_end_eval`` say
+    whether predictions are requested after it (anytime accuracy / end of task).
+    """
+
+    start: int
+    end: int
+    task: int
+    first_in_task: bool
+    last_in_task: bool
+    periodic_eval: bool
+
+    @property
+    def evaluates(self) -> bool:
+        return self.periodic_eval or self.last_in_task
+
+
+@dataclass(frozen=True)
+class CompetitionTask:
+    """Training stream in presentation order and a privately shuffled test set."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    task_sizes: tuple[int, ...]
+    test_images: np.ndarray
+    test_labels: np.ndarray  # private: never sent to the submission
+    num_classes: int
+    class_names: tuple[str, ...]
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_sizes)
+
+    def segments(self, experience_size: int, eval_period: int) -> list[Segment]:
+        """Cut every task into experiences of ``experience_size`` samples, also cutting at every
+        multiple of ``eval_period`` seen samples, where an anytime evaluation follows."""
+        cuts: list[Segment] = []
+        start = 0
+        for task, size in enumerate(self.task_sizes):
+            end_of_task = start + size
+            position = start
+            while position < end_of_task:
+                next_eval = (position // eval_period + 1) * eval_period
+                end = min(position + experience_size, end_of_task, next_eval)
+                cuts.append(
+                    Segment(position, end, task, position == start, end == end_of_task, end % eval_period == 0)
+                )
+                position = end
+            start = end_of_task
+        return cuts
+
+
+def _load(config: HarnessConfig) -> tuple[ImageArrays, ImageArrays]:
+    if config.benchmark.endswith("digits"):
+        from benchmarks.data import load_digits
+
+        train, test = load_digits("train"), load_digits("test")
+    else:
+        from benchmarks.data.folder import cifar10_jpeg
+
+        train, test = cifar10_jpeg("train"), cifar10_jpeg("test")
+    return (
+        per_class_subset(train, config.train_per_class, config.seed),
+        per_class_subset(test, config.test_per_class, config.seed),
+    )
+
+
+def _class_incremental_order(labels: np.ndarray, num_tasks: int, num_classes: int, seed: int) -> list[np.ndarray]:
+    """Tasks of ``num_classes / num_tasks`` consecutive classes, samples shuffled within a task."""
+    if num_classes % num_tasks:
+        raise ValueError(f"{num_classes} classes do not split into {num_tasks} equal tasks")
+    rng = np.random.default_rng(seed)
+    per_task = num_classes // num_tasks
+    task_of_sample = labels // per_task
+    return [rng.permutation(np.flatnonzero(task_of_sample == task)) for task in range(num_tasks)]
+
+
+def build_task(config: HarnessConfig, rng_seed: int | None = None) -> CompetitionTask:
+    """Load the data, order the training stream and shuffle the test set secretly.
+
+    ``rng_seed`` fixes the test permutation (tests only); by default it comes from the OS
+    entropy pool, so the submission cannot reproduce it.
+    """
+    train, test = _load(config)
+    num_classes = train.num_classes
+    if config.benchmark.startswith("si_blurry"):
+        from benchmarks.streams.si_blurry import si_blurry_split
+
+        tasks = si_blurry_split(train.labels, config.num_tasks, seed=config.seed, num_classes=num_classes)
+    else:
+        tasks = _class_incremental_order(train.labels, config.num_tasks, num_classes, config.seed)
+    order = np.concatenate(tasks)
+    secret = np.random.default_rng(secrets.randbits(64) if rng_seed is None else rng_seed)
+    test_order = secret.permutation(len(test))
+    return CompetitionTask(
+        train_images=train.images[order],
+        train_labels=train.labels[order],
+        task_sizes=tuple(len(t) for t in tasks),
+        test_images=test.images[test_order],
+        test_labels=test.labels[test_order],
+        num_classes=num_classes,
+        class_names=train.classes,
+    )

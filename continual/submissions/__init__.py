@@ -1,0 +1,1 @@
+"""Reference submissions for the competition harness (docs/COMPETITION.md)."""

@@ -1,0 +1,5 @@
+"""Does not follow the contract: no make_strategy."""
+
+
+def build(context):
+    return None

@@ -1,0 +1,7 @@
+"""Over the time budget: never finishes building its strategy."""
+
+import time
+
+
+def make_strategy(context):
+    time.sleep(3600)
