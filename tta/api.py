@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from tta.layers.base import AdaptiveNorm
+from tta.layers.base import AdaptiveNorm, commit_layers
 from tta.methods.base import Method
 from tta.registry import available_methods, build_method
 from tta.surgery import find_norm_layers, is_group_or_layer_norm
@@ -101,8 +101,7 @@ class Adapted(nn.Module):
                 for layer in layers:
                     layer.discard()
                 raise
-            for layer in layers:
-                layer.commit()
+            commit_layers(layers)
             return out
 
     @contextlib.contextmanager

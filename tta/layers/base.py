@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -90,19 +91,25 @@ class AdaptiveNorm(nn.Module):
         self._pending = {name: value.detach() for name, value in new_state.items()}
 
     def commit(self) -> None:
-        """Write the staged update; streams with non-finite statistics keep their state."""
+        """Write the staged update; streams with non-finite statistics keep their state.
+
+        One finiteness test over all staged values (per stream), then one ``torch.where``
+        per buffer written in place: no host synchronisation, ~2 + n_buffers kernels.
+        """
         pending, self._pending = self._pending, None
         if not pending:
             return
         with torch.no_grad():
-            finite = None
-            for value in pending.values():
-                ok = torch.isfinite(value).flatten(1).all(1)
-                finite = ok if finite is None else finite & ok
+            values = list(pending.values())
+            flat = values[0].flatten(1) if len(values) == 1 else torch.cat([v.flatten(1) for v in values], 1)
+            finite = torch.isfinite(flat).all(1)
             for name, value in pending.items():
                 buffer = getattr(self, name)
                 keep = finite.view(-1, *([1] * (value.dim() - 1)))
-                buffer.copy_(torch.where(keep, value.to(buffer.dtype), buffer))
+                if value.dtype == buffer.dtype and value.shape == buffer.shape:
+                    torch.where(keep, value, buffer, out=buffer)
+                else:
+                    buffer.copy_(torch.where(keep, value.to(buffer.dtype), buffer))
 
     def discard(self) -> None:
         self._pending = None
@@ -134,3 +141,90 @@ class NormAct(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.drop(self.norm(x)))
+
+
+#: device-resident segment indices of the batched commit, keyed by (device, per-layer
+#: lengths, streams): built once, so a step never copies host data to the device (a blocking
+#: copy on CUDA)
+_SEGMENTS: dict[tuple[str, tuple[int, ...], int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _segments(device: torch.device, lengths: tuple[int, ...], streams: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, ends)``: the layer of every staged element ``(S, total)`` and the index of each
+    layer's last element ``(S, L)``."""
+    key = (str(device), lengths, streams)
+    found = _SEGMENTS.get(key)
+    if found is None:
+        if len(_SEGMENTS) > 64:
+            _SEGMENTS.clear()
+        sizes = torch.tensor(lengths)
+        ids = torch.repeat_interleave(torch.arange(len(lengths)), sizes)
+        ends = sizes.cumsum(0) - 1
+        found = (ids.to(device).expand(streams, -1).contiguous(), ends.to(device).expand(streams, -1).contiguous())
+        _SEGMENTS[key] = found
+    return found
+
+
+def commit_layers(layers: Iterable[AdaptiveNorm]) -> None:
+    """Commit the staged updates of many layers (what :class:`tta.Adapted` calls per step).
+
+    The same result as ``layer.commit()`` for every layer: a layer's stream keeps its state
+    when any of that layer's staged values for that stream is non-finite. On CUDA the layers
+    are committed together with a constant number of kernels instead of about five per layer
+    (:func:`_commit_batched`); on the CPU, where an operator costs microseconds and the
+    batched form touches the state more often, one by one (measured: batching was neutral on
+    a CIFAR ResNet-26 and 4% slower on a ResNet-50 with UnMix-TNS, K = 16).
+    """
+    staged = [layer for layer in layers if layer._pending]
+    if len(staged) > 1 and _commit_batched(staged, only_device="cuda"):
+        return
+    for layer in staged:
+        layer.commit()
+
+
+def _commit_batched(staged: list[AdaptiveNorm], only_device: str | None = None) -> bool:
+    """Commit the staged updates of ``staged`` together; False (nothing written) when they do
+    not fit one layout (float32 buffers of equal stream count on one device, of type
+    ``only_device`` when given).
+
+    The staged values are concatenated per stream (``(S, total)``), tested for finiteness
+    once, counted per layer with a cumulative sum read at each layer's last element (a
+    scatter or ``torch.segment_reduce`` would contend on atomics or read lengths back to the
+    host), selected against the current buffers with one ``torch.where`` and written back
+    with one ``torch._foreach_copy_``. No host synchronisation.
+    """
+    first = next(iter(staged[0]._pending.values()))  # type: ignore[union-attr]
+    streams, device = first.shape[0], first.device
+    if only_device is not None and device.type != only_device:
+        return False
+    buffers: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
+    lengths: list[int] = []
+    for layer in staged:
+        count = 0
+        for name, value in layer._pending.items():  # type: ignore[union-attr]
+            buffer = getattr(layer, name)
+            if (
+                value.device != device
+                or value.dtype != torch.float32
+                or buffer.dtype != torch.float32
+                or value.shape != buffer.shape
+                or value.shape[0] != streams
+                or not buffer.is_contiguous()
+            ):
+                return False
+            buffers.append(buffer.view(streams, -1))
+            values.append(value.reshape(streams, -1))
+            count += values[-1].shape[1]
+        lengths.append(count)
+    ids, ends = _segments(device, tuple(lengths), streams)
+    for layer in staged:
+        layer._pending = None
+    with torch.no_grad():
+        new = torch.cat(values, 1)  # (S, total)
+        bad = torch.isfinite(new).logical_not_().cumsum(1).gather(1, ends)  # (S, L) running count
+        bad = bad - torch.nn.functional.pad(bad[:, :-1], (1, 0))  # non-finite count per layer
+        keep = (bad == 0).gather(1, ids)  # (S, total)
+        new = torch.where(keep, new, torch.cat(buffers, 1))
+        torch._foreach_copy_(buffers, list(new.split([b.shape[1] for b in buffers], dim=1)))
+    return True

@@ -94,28 +94,31 @@ class UnMixTNS(AdaptiveNorm):
 
         with torch.no_grad():
             cosine = torch.bmm(F.normalize(mu, dim=-1), F.normalize(means, dim=-1).transpose(1, 2))
-            p = torch.softmax(cosine / self.tau, dim=-1)  # (S, B, K)
-        one_minus_p = 1.0 - p
-
-        mean_sum = means.sum(1, keepdim=True)  # (S, 1, C)
-        mix_mean = (mu + mean_sum - torch.bmm(p, means)) / k
-        avg_var = (variances.sum(1, keepdim=True) - torch.bmm(p, variances) + var) / k
-        second_moment = (
-            torch.bmm(one_minus_p.square(), means.square())
-            + 2.0 * mu * torch.bmm(p * one_minus_p, means)
-            + mu.square() * p.square().sum(-1, keepdim=True)
-        ) / k
-        mix_var = (avg_var + second_moment - mix_mean.square()).clamp_min(0.0)
+            p = torch.softmax(cosine.div_(self.tau), dim=-1)  # (S, B, K)
+        q = 1.0 - p
+        inv_k = 1.0 / k
+        # Closed forms of step 4 with sum_k p_bk = 1, as fused batched products
+        # (baddbmm(c, a, b) = c + a @ b):
+        #   K mu-_b            = mu~_b + sum_k q_bk M_k
+        #   K mean_k sigma^^2  = sigma~^2_b + sum_k q_bk V_k
+        #   K mean_k mu^^2     = sum_k q_bk^2 M_k^2 + 2 mu~_b sum_k p_bk q_bk M_k + mu~_b^2 sum_k p_bk^2
+        mix_mean = torch.baddbmm(mu, q, means).mul_(inv_k)
+        moment = torch.baddbmm(var, q, variances)
+        moment = torch.baddbmm(moment, q.square(), means.square())
+        moment.addcmul_(mu, torch.bmm(p * q, means), value=2.0)
+        moment.addcmul_(mu.square(), p.square().sum(-1, keepdim=True))
+        mix_var = moment.mul_(inv_k).addcmul_(mix_mean, mix_mean, value=-1.0).clamp_min(0.0)
         out = normalize(z, mix_mean.flatten(0, 1), mix_var.flatten(0, 1), self.weight, self.bias, self.eps)
 
         if self.wants_update:
             with torch.no_grad():
                 batch = mu.shape[1]
                 rate = self.update_rate(batch) / batch
-                weight_sum = p.sum(1).unsqueeze(-1)  # (S, K, 1)
+                # M + rate (sum_b p_bk mu~_b - w_k M) = (1 - rate w_k) M + rate sum_b p_bk mu~_b
+                keep = torch.mul(p.sum(1), -rate).add_(1.0).unsqueeze(-1)  # (S, K, 1)
                 p_t = p.transpose(1, 2)  # (S, K, B)
-                new_means = means + rate * (torch.bmm(p_t, mu.detach()) - weight_sum * means)
-                new_vars = variances + rate * (torch.bmm(p_t, var.detach()) - weight_sum * variances)
+                new_means = torch.baddbmm(means * keep, p_t, mu.detach(), alpha=rate)
+                new_vars = torch.baddbmm(variances * keep, p_t, var.detach(), alpha=rate)
             self.propose_update(component_means=new_means, component_vars=new_vars)
         return out
 

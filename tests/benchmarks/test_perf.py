@@ -1,0 +1,117 @@
+"""Smoke tests of the performance harness (``python -m benchmarks.perf``) on tiny sizes.
+
+Nothing here asserts a wall-clock limit: timings on a shared 2-core machine are noise. The
+tests check that every section runs, that the table and the JSON are written and consistent,
+and that the target checks are reported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks.perf import main
+from benchmarks.perf.cli import parse_args
+from benchmarks.perf.report import check_targets
+from benchmarks.perf.timing import Timing, paired_ratio, peak_memory_bytes, time_interleaved
+
+TINY = [
+    "--device", "cpu", "--repeats", "1", "--warmup", "0", "--min-time", "0", "--threads", "1",
+]
+
+
+def test_methods_and_profile_sections_write_a_consistent_table(tmp_path):
+    results = main(
+        TINY
+        + [
+            "--models", "cifar_resnet26", "--batch-sizes", "2", "--target-batch", "2",
+            "--methods", "source,norm,alpha_bn,unmix_tns,tent",
+            "--sections", "methods,profile", "--profile-batch", "2",
+            "--long-stream-steps", "3", "--long-stream-batch", "2", "--out", str(tmp_path),
+        ]
+    )
+    rows = {row["method"]: row for row in results["methods"]}
+    assert set(rows) == {"source", "norm", "alpha_bn", "unmix_tns", "tent"}
+    for row in rows.values():
+        assert row["status"] == "ok", row
+        assert row["seconds"] > 0 and row["plain_seconds"] > 0 and row["ratio"] > 0
+        assert row["peak_bytes"] >= 0 and row["plain_peak_bytes"] > 0
+    markdown = (tmp_path / "perf.md").read_text()
+    assert "| 2 | unmix_tns |" in markdown and "## Targets" in markdown
+    saved = json.loads((tmp_path / "perf.json").read_text())
+    assert saved["environment"]["torch"] == torch.__version__
+    # the CPU ratio targets are evaluated at the target batch; CUDA ones say "not measured"
+    targets = {(t["target"], t["scope"]): t["met"] for t in saved["targets"]}
+    assert targets[("norm <= 1.25x plain (CPU, batch 2)", "cifar_resnet26")] in ("yes", "no")
+    assert any(t["met"] == "not measured" and "CUDA" in t["target"] for t in saved["targets"])
+    profile = saved["profile"]["cpu"]
+    for method in ("norm", "alpha_bn", "unmix_tns"):
+        assert profile["methods"][method]["syncs"] == {}, method  # no host synchronisation
+        assert profile["methods"][method]["ops"] > 0
+        assert len(profile["methods"][method]["memory"]["live_tensors"]) == 2
+    assert (tmp_path / "profile_cpu_unmix_tns.txt").exists()
+
+
+def test_vit_has_no_statistics_methods_but_runs_tent(tmp_path):
+    results = main(
+        TINY
+        + [
+            "--models", "vit_tiny", "--sizes", "vit_tiny=16", "--batch-sizes", "2",
+            "--methods", "norm,tent", "--sections", "methods", "--no-memory", "--out", str(tmp_path),
+        ]
+    )
+    rows = {row["method"]: row for row in results["methods"]}
+    assert rows["norm"]["status"].startswith("n/a")
+    assert rows["tent"]["status"] == "ok"
+
+
+def test_corruption_and_multistream_sections(tmp_path):
+    pytest.importorskip("benchmarks.corruptions")
+    results = main(
+        TINY
+        + [
+            "--sections", "corruptions,multistream", "--corruptions", "gaussian_noise,fog",
+            "--corruption-batch", "4", "--reference-images", "1",
+            "--streams-batch", "2", "--streams-batches", "1", "--streams-methods", "norm",
+            "--out", str(tmp_path),
+        ]
+    )
+    names = [row["name"] for row in results["corruptions"]]
+    assert names == ["gaussian_noise", "fog"]
+    for row in results["corruptions"]:
+        assert row["status"] == "ok" and row["images_per_second"] > 0
+    (stream,) = results["multistream"]
+    assert stream["status"] == "ok" and stream["num_streams"] == 15
+    assert stream["sequential_seconds"] > 0 and stream["batched_seconds"] > 0
+    assert "Multi-stream" in (tmp_path / "perf.md").read_text()
+
+
+def test_quick_mode_only_fills_unset_flags():
+    args = parse_args(["--quick", "--repeats", "7"])
+    assert args.repeats == 7 and args.batch_sizes == [1, 16, 64] and args.sizes["resnet50"] == 32
+
+
+def test_interleaved_timing_and_paired_ratio():
+    calls = {"a": lambda: torch.ones(8).sum(), "b": lambda: torch.ones(16).sum()}
+    timings = time_interleaved(calls, torch.device("cpu"), repeats=3, warmup=1, min_time=0.0)
+    assert set(timings) == {"a", "b"} and all(len(t.seconds) == 3 for t in timings.values())
+    assert paired_ratio(Timing("x", [2.0, 4.0, 9.0]), Timing("y", [1.0, 2.0, 3.0])) == 2.0
+    assert math.isnan(paired_ratio(Timing("x", []), Timing("y", [])))
+
+
+def test_cpu_peak_memory_counts_the_allocations_of_one_call():
+    size = 1 << 20  # 4 MiB of float32
+
+    def allocate() -> torch.Tensor:
+        return torch.empty(size).fill_(1.0) + 1.0  # two live buffers at the peak
+
+    peak = peak_memory_bytes(allocate, torch.device("cpu"))
+    assert 2 * 4 * size <= peak <= 4 * 4 * size
+
+
+def test_target_checks_without_rows_say_not_measured():
+    checks = check_targets([], [], [], measured_devices=["cpu"])
+    assert checks and all(c.met in ("not measured", "n/a") for c in checks)
