@@ -12,9 +12,10 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 $PIP install -q torch==2.14.1 torchvision==0.29.1 timm==1.0.31 hydra-core==1.3.8 \
   hydra-joblib-launcher hydra-submitit-launcher pytest scikit-learn scipy matplotlib numpy \
   tqdm rich psutil gputil torchmetrics pytorchcv 'qpsolvers[quadprog]' dill packaging \
-  typing-extensions imagecorruptions-imaug==1.1.5
+  typing-extensions imagecorruptions-imaug==1.1.5 gdown wandb tensorboard
 # avalanche-lib declares qpsolvers[open_source_solvers] (jax and a dozen solvers, ~0.7 GB)
-# although it only uses quadprog; its real needs are installed above.
+# although it only uses quadprog; its real needs (gdown, wandb and tensorboard are imported
+# by `import avalanche`) are installed above.
 $PIP install -q --no-deps avalanche-lib==0.6.0
 if [ "${1:-}" = "--ray" ]; then
   # hydra-ray-launcher forces cloudpickle<3, which joblib 1.6 (joblib launcher) cannot use
