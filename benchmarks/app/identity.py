@@ -96,8 +96,10 @@ def abspath(path: str | os.PathLike[str]) -> str:
 
 
 def default_cache_dir() -> str:
-    """Same location as :func:`benchmarks.models.cache.cache_dir`, without creating it."""
-    return str(Path(os.environ.get("TTA_CACHE_DIR", Path.home() / ".cache" / "tta")))
+    """``$TTA_CACHE_DIR`` or ``~/.cache/tta``, without creating it."""
+    from benchmarks.data.folder import cache_dir
+
+    return str(cache_dir())
 
 
 def default_shared_data() -> str:

@@ -9,9 +9,12 @@ from typing import Any
 
 import torch
 
+from benchmarks.data.folder import cache_dir as data_cache_dir
+
 
 def cache_dir() -> Path:
-    path = Path(os.environ.get("TTA_CACHE_DIR", Path.home() / ".cache" / "tta"))
+    """The cache root (:func:`benchmarks.data.folder.cache_dir`), created if missing."""
+    path = data_cache_dir()
     path.mkdir(parents=True, exist_ok=True)
     return path
 

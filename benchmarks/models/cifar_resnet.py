@@ -14,26 +14,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def _norm(kind: str, channels: int) -> nn.Module:
-    if kind == "bn":
-        return nn.BatchNorm2d(channels)
-    if kind == "gn":
-        return nn.GroupNorm(min(8, channels), channels)
-    raise ValueError(f"norm must be 'bn' or 'gn', got {kind!r}")
+from benchmarks.models.layers import norm_layer
 
 
 class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, norm: str) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = _norm(norm, cout)
+        self.bn1 = norm_layer(norm, cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = _norm(norm, cout)
+        self.bn2 = norm_layer(norm, cout)
         self.relu = nn.ReLU(inplace=True)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), _norm(norm, cout))
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm_layer(norm, cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -49,7 +43,7 @@ class CifarResNet(nn.Module):
         if (depth - 2) % 6:
             raise ValueError(f"depth must be 6n + 2, got {depth}")
         blocks_per_stage = (depth - 2) // 6
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), _norm(norm, width), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), norm_layer(norm, width), nn.ReLU(inplace=True))
         stages: list[nn.Module] = []
         cin = width
         for index, cout in enumerate((width, 2 * width, 4 * width)):

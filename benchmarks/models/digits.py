@@ -13,16 +13,9 @@ from torch import nn
 
 from benchmarks.data.digits import load_digits
 from benchmarks.models.cache import atomic_torch_save, cache_dir
+from benchmarks.models.layers import norm_layer
 
 logger = logging.getLogger(__name__)
-
-
-def _norm(kind: str, channels: int) -> nn.Module:
-    if kind == "bn":
-        return nn.BatchNorm2d(channels)
-    if kind == "gn":
-        return nn.GroupNorm(min(8, channels), channels)
-    raise ValueError(f"norm must be 'bn' or 'gn', got {kind!r}")
 
 
 class DigitsCNN(nn.Module):
@@ -38,7 +31,7 @@ class DigitsCNN(nn.Module):
         blocks: list[nn.Module] = []
         for index, (cin, cout) in enumerate(zip(channels[:-1], channels[1:])):
             stride = 1 if index == 0 else 2
-            blocks += [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), _norm(norm, cout), nn.ReLU(inplace=True)]
+            blocks += [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), norm_layer(norm, cout), nn.ReLU(inplace=True)]
         self.features = nn.Sequential(*blocks)
         self.head = nn.Linear(channels[-1], num_classes)
         self.num_classes = num_classes

@@ -1,0 +1,14 @@
+"""Building blocks shared by the built-in source models."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def norm_layer(kind: str, channels: int) -> nn.Module:
+    """``"bn"``: BatchNorm2d; ``"gn"``: GroupNorm with up to 8 groups."""
+    if kind == "bn":
+        return nn.BatchNorm2d(channels)
+    if kind == "gn":
+        return nn.GroupNorm(min(8, channels), channels)
+    raise ValueError(f"norm must be 'bn' or 'gn', got {kind!r}")
