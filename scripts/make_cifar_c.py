@@ -23,7 +23,7 @@ pseudo-random order (``numpy.random.default_rng(0).permutation``; ``--order auto
 Examples::
 
     python scripts/make_cifar_c.py --out data/generated                  # CIFAR-10 test JPEGs
-    python scripts/make_cifar_c.py --source digits --out /tmp/c --corruptions fog snow
+    python scripts/make_cifar_c.py --source digits --out outputs/cifar-c --corruptions fog snow
     python scripts/make_cifar_c.py --source cifar100 --root ~/data --download --device cuda
 """
 
