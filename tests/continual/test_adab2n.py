@@ -237,13 +237,12 @@ def test_converter_replaces_every_bn_and_model_helpers_work() -> None:
 
 def _official_layer_class():
     """The official AdaB2N class from a local checkout (never vendored; ALGORITHMS.md header)."""
-    candidates = [os.environ.get("ADAB2N_OFFICIAL_SRC", ""), "/tmp/adab2n_official/models/utils/adab2n.py"]
-    for candidate in candidates:
-        if candidate and Path(candidate).is_file():
-            spec = importlib.util.spec_from_file_location("official_adab2n", candidate)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)  # type: ignore[union-attr]
-            return module.AdaB2N
+    candidate = os.environ.get("ADAB2N_OFFICIAL_SRC", "")  # path to models/utils/adab2n.py
+    if candidate and Path(candidate).is_file():
+        spec = importlib.util.spec_from_file_location("official_adab2n", candidate)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        return module.AdaB2N
     pytest.skip("no local checkout of lvyilin/AdaB2N (set ADAB2N_OFFICIAL_SRC)")
 
 
