@@ -42,7 +42,46 @@ bench() {  # bench <name> <overrides...>: one sweep over methods x seeds
 
 BN=(model=cifar10_resnet26 stream.batch_size=64 method="$BN_METHODS")
 bn_reset() { bench bn_reset experiment=cifar10c_reset $FILES "${BN[@]}"; }
-bn_continual() {  # online class-incremental CIFAR-10: BN vs AdaB2N vs BCN+WS, Naive and ER, Split and Si-Blurry
+bn_continual() { bench bn_continual experiment=cifar10c_continual $FILES "${BN[@]}"; }
+bn_mixed() { bench bn_mixed experiment=cifar10c_mixed $FILES "${BN[@]}"; }
+bn_dirichlet() { bench bn_dirichlet experiment=cifar10c_noniid $FILES "${BN[@]}" stream.delta=1,0.1,0.01; }
+bn_sorted() { bench bn_sorted experiment=cifar10c_continual $FILES "${BN[@]}" stream.label_order=sorted; }
+# the gradual ramp visits severities 1..5..1: corrupted on the fly (8-bit, identical to the files)
+bn_gradual() { N_EXAMPLES=$N_GRADUAL bench bn_gradual experiment=cifar10c_continual "${BN[@]}" stream.schedule=gradual; }
+
+tta_bn() {  # ResNet-26 + BN: every setting at batch 64, severity 5
+  bn_reset; bn_continual; bn_mixed; bn_dirichlet; bn_sorted; bn_gradual
+}
+
+bn_long() {  # longer streams (N_LONG images per corruption): methods whose state builds up slowly
+  N_EXAMPLES=${N_LONG:-$N_PER_DOMAIN} bench bn_long experiment=cifar10c_continual $FILES model=cifar10_resnet26 \
+    stream.batch_size=64 method=source,norm,unmix_tns,tent,lame stream.label_order=iid,sorted
+}
+
+tta_bn_small_batches() {  # ResNet-26 + BN, continual i.i.d. stream, batch 16 and 1
+  bench bn_batch16 experiment=cifar10c_continual $FILES model=cifar10_resnet26 stream.batch_size=16 method="$BN_METHODS"
+  bench bn_batch1 experiment=cifar10c_continual $FILES model=cifar10_resnet26 stream.batch_size=1 \
+    method=source,alpha_bn,unmix_tns
+}
+
+tta_gn() {  # ResNet-26 + GroupNorm: the entropy methods where statistics methods do not apply
+  local common=(model=cifar10_resnet26_gn method=source,tent,sar,lame)
+  bench gn_continual experiment=cifar10c_continual $FILES "${common[@]}" stream.batch_size=64,1
+  bench gn_mixed experiment=cifar10c_mixed $FILES "${common[@]}" stream.batch_size=64
+  bench gn_sorted experiment=cifar10c_continual $FILES "${common[@]}" stream.batch_size=64 stream.label_order=sorted
+}
+
+tta_bcn() {  # ResNet-26 + BCN/WS
+  bench bcn_continual experiment=cifar10c_continual $FILES model=cifar10_resnet26_bcn_ws stream.batch_size=64 \
+    method=source,bcn,tent stream.label_order=iid,sorted
+}
+
+tta_vit() {  # the small ViT (LayerNorm)
+  bench vit_continual experiment=cifar10c_continual $FILES model=cifar10_vit_small stream.batch_size=64 \
+    method=source,tent,sar,lame stream.label_order=iid,sorted
+}
+
+continual() {  # online class-incremental CIFAR-10: BN vs AdaB2N vs BCN+WS, Naive and ER, Split and Si-Blurry
   for scenario in split si_blurry; do
     for strategy in er naive; do
       "$PY" -m continual.experiments.compare_norms --benchmark cifar10 --norms bn adab2n bcn_ws \
