@@ -11,6 +11,8 @@
 #   N_GRADUAL     images per (corruption, severity) segment of the gradual ramp (N_PER_DOMAIN)
 #   TTA_JOBS      parallel runs, one torch thread each (2)    OUT        results folder (outputs/results)
 #   CIFAR10C      CIFAR-10-C folder (data/generated/CIFAR-10-C, written by the cifar_c section)
+#   CL_TRAIN_PER_CLASS  continual section: training images per class (unset = all 5,000)
+#   CL_EVAL_PERIOD      continual section: anytime accuracy every so many samples (5000)
 #   PY            python (.venv/bin/python)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +22,7 @@ SEEDS=${SEEDS:-1,2,3}
 N_GRADUAL=${N_GRADUAL:-$N_PER_DOMAIN}
 OUT=${OUT:-outputs/results}
 CIFAR10C=${CIFAR10C:-data/generated/CIFAR-10-C}
+CL_EVAL_PERIOD=${CL_EVAL_PERIOD:-5000}
 export TTA_JOBS=${TTA_JOBS:-2}
 
 BN_METHODS=source,norm,alpha_bn,unmix_tns,tent,sar,lame,unmix_tns_tent,unmix_tns_sar
@@ -49,8 +52,10 @@ bn_sorted() { bench bn_sorted experiment=cifar10c_continual $FILES "${BN[@]}" st
 # the gradual ramp visits severities 1..5..1: corrupted on the fly (8-bit, identical to the files)
 bn_gradual() { N_EXAMPLES=$N_GRADUAL bench bn_gradual experiment=cifar10c_continual "${BN[@]}" stream.schedule=gradual; }
 
-tta_bn() {  # ResNet-26 + BN: every setting at batch 64, severity 5
-  bn_reset; bn_continual; bn_mixed; bn_dirichlet; bn_sorted; bn_gradual
+bn_severity3() { bench bn_severity3 experiment=cifar10c_continual $FILES "${BN[@]}" 'stream.severities=[3]'; }
+
+tta_bn() {  # ResNet-26 + BN: every setting at batch 64, severity 5 (and the continual stream at severity 3)
+  bn_reset; bn_continual; bn_mixed; bn_dirichlet; bn_sorted; bn_gradual; bn_severity3
 }
 
 bn_long() {  # longer streams (N_LONG images per corruption): methods whose state builds up slowly
@@ -61,7 +66,7 @@ bn_long() {  # longer streams (N_LONG images per corruption): methods whose stat
 tta_bn_small_batches() {  # ResNet-26 + BN, continual i.i.d. stream, batch 16 and 1
   bench bn_batch16 experiment=cifar10c_continual $FILES model=cifar10_resnet26 stream.batch_size=16 method="$BN_METHODS"
   bench bn_batch1 experiment=cifar10c_continual $FILES model=cifar10_resnet26 stream.batch_size=1 \
-    method=source,alpha_bn,unmix_tns
+    method=source,alpha_bn,unmix_tns,tent,sar
 }
 
 tta_gn() {  # ResNet-26 + GroupNorm: the entropy methods where statistics methods do not apply
@@ -85,8 +90,9 @@ continual() {  # online class-incremental CIFAR-10: BN vs AdaB2N vs BCN+WS, Naiv
   for scenario in split si_blurry; do
     for strategy in er naive; do
       "$PY" -m continual.experiments.compare_norms --benchmark cifar10 --norms bn adab2n bcn_ws \
-        --strategy "$strategy" --scenario "$scenario" --seeds 0 1 2 --test-per-class 300 --eval-period 5000 \
-        --mem-size 500 --out "$OUT/continual/${scenario}_${strategy}.json"
+        --strategy "$strategy" --scenario "$scenario" --seeds 0 1 2 --test-per-class 300 --eval-period "$CL_EVAL_PERIOD" --mem-size 500 \
+        ${CL_TRAIN_PER_CLASS:+--train-per-class "$CL_TRAIN_PER_CLASS"} --threads 1 \
+        --out "$OUT/continual/${scenario}_${strategy}${CL_TRAIN_PER_CLASS:+_${CL_TRAIN_PER_CLASS}pc}.json"
     done
   done
 }
