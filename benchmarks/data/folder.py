@@ -11,11 +11,14 @@ changed folder is decoded again.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import tarfile
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -164,14 +167,44 @@ def cifar10_jpeg(split: str, shared_dir: str | Path | None = None) -> ImageArray
 
 
 def _extract_once(tarball: Path, target: Path, member_root: str) -> Path:
-    """Extract ``tarball`` into ``target`` unless a marker says this exact file already was."""
+    """Extract ``tarball`` into ``target`` unless a marker says this exact file already was.
+
+    Safe across processes: parallel sweep workers (the joblib launcher) that meet a fresh or
+    stale cache together would otherwise replace each other's folder mid-extraction, so one
+    extracts under a lock while the others wait and then reuse its result.
+    """
     stat = tarball.stat()
     stamp = f"{tarball.resolve()} {stat.st_size} {stat.st_mtime_ns}"
     marker = target / f".{member_root}.extracted"
     extracted = target / member_root
-    if marker.is_file() and marker.read_text() == stamp and extracted.is_dir():
+
+    def up_to_date() -> bool:
+        return marker.is_file() and marker.read_text() == stamp and extracted.is_dir()
+
+    if up_to_date():
         return extracted
     target.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(target / f".{member_root}.lock"):
+        if not up_to_date():
+            _extract(tarball, target, member_root)
+            marker.write_text(stamp)
+    return extracted
+
+
+@contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    """An advisory lock on ``path`` held across processes (POSIX ``flock``)."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _extract(tarball: Path, target: Path, member_root: str) -> None:
+    """Unpack ``member_root`` of ``tarball`` to ``target / member_root`` via a staging folder."""
+    extracted = target / member_root
     staging = Path(tempfile.mkdtemp(dir=target, prefix=f".{member_root}-"))
     try:
         with tarfile.open(tarball) as archive:
@@ -187,10 +220,8 @@ def _extract_once(tarball: Path, target: Path, member_root: str) -> Path:
         if extracted.exists():
             _remove_tree(extracted)
         os.replace(staging / member_root, extracted)
-        marker.write_text(stamp)
     finally:
         _remove_tree(staging)
-    return extracted
 
 
 def _remove_tree(path: Path) -> None:

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,27 @@ def test_cifar10_jpeg_from_a_small_tarball(tmp_path: Path, _private_cache: Path)
         cifar10_jpeg("train", shared_dir=shared)
     with pytest.raises(ValueError):
         cifar10_jpeg("val", shared_dir=shared)
+
+
+def test_cifar10_jpeg_extraction_waits_for_a_concurrent_one(tmp_path: Path, _private_cache: Path) -> None:
+    """A second loader (another sweep worker) must not extract over a running extraction."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    with tarfile.open(shared / "cifar10-jpeg-test.tar.gz", "w:gz") as archive:
+        data = _jpeg_bytes(np.zeros((32, 32, 3), dtype=np.uint8))
+        info = tarfile.TarInfo("test/cat/0000.jpg")
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+    target = _private_cache / "cifar10-jpeg"
+    target.mkdir(parents=True)
+    results: list[ImageArrays] = []
+    with folder_module._exclusive_lock(target / ".test.lock"):
+        worker = threading.Thread(target=lambda: results.append(cifar10_jpeg("test", shared_dir=shared)))
+        worker.start()
+        worker.join(timeout=0.5)
+        assert worker.is_alive() and not (target / "test").exists()
+    worker.join(timeout=30)
+    assert not worker.is_alive() and results[0].classes == ("cat",)
 
 
 def test_cifar10_jpeg_shared_test_split() -> None:
