@@ -11,19 +11,17 @@ changed folder is decoded again.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import tarfile
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.data.base import ImageArrays
+from benchmarks.filelock import exclusive_lock
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _CACHE_VERSION = 1  # bump when the decoding changes
@@ -184,22 +182,11 @@ def _extract_once(tarball: Path, target: Path, member_root: str) -> Path:
     if up_to_date():
         return extracted
     target.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(target / f".{member_root}.lock"):
+    with exclusive_lock(target / f".{member_root}.lock"):
         if not up_to_date():
             _extract(tarball, target, member_root)
             marker.write_text(stamp)
     return extracted
-
-
-@contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    """An advisory lock on ``path`` held across processes (POSIX ``flock``)."""
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _extract(tarball: Path, target: Path, member_root: str) -> None:

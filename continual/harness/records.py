@@ -12,7 +12,6 @@ writes cannot lose an entry.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import tempfile
@@ -23,6 +22,8 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from benchmarks.filelock import exclusive_lock
 
 
 def _atomic_write(path: Path, data: bytes, exclusive: bool) -> None:
@@ -60,12 +61,8 @@ class ResultsStore:
     def locked(self) -> Iterator[None]:
         """Serialise leaderboard rebuilds of concurrent harness processes."""
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with exclusive_lock(self.root / ".lock"):
+            yield
 
     @staticmethod
     def new_run_id(name: str) -> str:

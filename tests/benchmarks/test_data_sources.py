@@ -24,6 +24,7 @@ from benchmarks.data import (
 )
 from benchmarks.data import folder as folder_module
 from benchmarks.data.cifar import CIFAR10_CLASSES, CIFAR100_CLASSES
+from benchmarks.filelock import exclusive_lock
 
 
 @pytest.fixture(autouse=True)
@@ -143,7 +144,7 @@ def test_cifar10_jpeg_extraction_waits_for_a_concurrent_one(tmp_path: Path, _pri
     target = _private_cache / "cifar10-jpeg"
     target.mkdir(parents=True)
     results: list[ImageArrays] = []
-    with folder_module._exclusive_lock(target / ".test.lock"):
+    with exclusive_lock(target / ".test.lock"):
         worker = threading.Thread(target=lambda: results.append(cifar10_jpeg("test", shared_dir=shared)))
         worker.start()
         worker.join(timeout=0.5)
