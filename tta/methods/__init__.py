@@ -2,3 +2,5 @@
 
 from tta.methods import alpha_bn, norm, source, unmix_tns  # noqa: F401
 from tta.methods import bcn, lame, sar, tent  # noqa: F401
+from tta.methods import rbn  # noqa: F401
+from tta.methods import balanced_bn  # noqa: F401

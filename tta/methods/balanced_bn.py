@@ -1,0 +1,125 @@
+"""``balanced_bn``: TRIBE's balanced batch normalization as a statistics method."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from tta.features import find_classifier
+from tta.layers.balanced_bn import BalancedBatchNorm
+from tta.layers.base import AdaptiveNorm, SourceNormState
+from tta.methods.base import require_range
+from tta.methods.statistics import StatisticsMethod
+from tta.registry import register_method
+
+
+@dataclasses.dataclass
+class BalancedBNHparams:
+    #: eta, step size of the per-class statistics (official CIFAR-10 config 0.01; the
+    #: authors' rule is about max(0.0005 K, 0.01): 0.05 for CIFAR-100, 0.5 for ImageNet)
+    eta: float = 0.01
+    #: gamma, share of the update shared by all classes (official CIFAR-10 0.0, CIFAR-100
+    #: 0.1, ImageNet 0.5)
+    gamma: float = 0.0
+    #: K, number of classes; None reads it from the model's classifier (last Linear layer)
+    num_classes: int | None = None
+
+
+def infer_num_classes(model: nn.Module, method: str) -> int:
+    """Output size of the model's classifier, or a ``ValueError`` asking for ``num_classes``."""
+    found = find_classifier(model)
+    if found is not None and isinstance(found[1], nn.Linear):
+        return int(found[1].out_features)
+    raise ValueError(f"method {method!r} cannot find the model's classifier; pass num_classes=<K>")
+
+
+@contextlib.contextmanager
+def frozen_layers(layers: list[BalancedBatchNorm]) -> Iterator[None]:
+    """Within the context the layers normalize with their stored statistics, unchanged."""
+    for layer in layers:
+        layer.frozen = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.frozen = False
+
+
+@register_method
+class BalancedBN(StatisticsMethod):
+    """Balanced BN of TRIBE (Su et al., AAAI 2024, §4.1, Eqs. 6-8;
+    Gorilla-Lab-SCUT/TRIBE ``core/utils/balanced_bn_pyv.py``): per-class running statistics
+    updated with the model's own pseudo-labels and combined with equal weight per class, so
+    that an imbalanced or class-sorted stream does not pull the normalization towards its
+    frequent classes. See :class:`tta.layers.BalancedBatchNorm` for the update.
+
+    Step on a batch x (the official TRIBE step reduced to its normalization; TRIBE's
+    network that predicts normalizes with the stored statistics in eval mode, then updates
+    them in a second, labelled train-mode forward of the same batch):
+
+    1. forward with the stored global statistics, nothing updated: the returned prediction;
+    2. pseudo-labels ``y = argmax`` of that prediction;
+    3. second forward of x with the labels: every layer updates its per-class statistics
+       from its input (which already reflects the updated statistics of the layers before
+       it, as in the official train-mode forward); its output is discarded.
+
+    Cost: two forwards per batch. No host synchronisation.
+
+    Composition: an objective method on top (``"balanced_bn+tent"``) forwards without
+    labels; the layers then keep a robust-BN moving average of the global statistics with
+    rate eta (the official layer's unlabelled train-mode forward).
+
+    Multi-stream: each stream has its own per-class statistics.
+    """
+
+    name = "balanced_bn"
+    Hparams = BalancedBNHparams
+
+    def validate(self) -> None:
+        hp = self.hparams
+        if not 0.0 < hp.eta <= 1.0:
+            raise ValueError(f"eta must lie in (0, 1], got {hp.eta}")
+        require_range("gamma", hp.gamma, 0.0, 1.0)
+        if hp.num_classes is not None and (int(hp.num_classes) != hp.num_classes or hp.num_classes < 2):
+            raise ValueError(f"num_classes must be an integer >= 2, got {hp.num_classes}")
+
+    def convert(self, model: nn.Module) -> nn.Module:
+        self._num_classes = self.hparams.num_classes or infer_num_classes(model, self.name)
+        return super().convert(model)
+
+    def build_layer(self, name: str, source: SourceNormState) -> AdaptiveNorm:
+        hp = self.hparams
+        return BalancedBatchNorm(
+            source, num_classes=self._num_classes, eta=hp.eta, gamma=hp.gamma, num_streams=self.num_streams
+        )
+
+    @staticmethod
+    def layers(model: nn.Module) -> list[BalancedBatchNorm]:
+        return [m for m in model.modules() if isinstance(m, BalancedBatchNorm)]
+
+    def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), frozen_layers(self.layers(model)):
+            return model(x)
+
+    def step(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        layers = self.layers(model)
+        out = self.predict(model, x)
+        if out.dim() != 2 or out.shape[1] != self._num_classes:
+            raise ValueError(
+                f"balanced_bn was built for {self._num_classes} classes, the model returned "
+                f"shape {tuple(out.shape)}; pass num_classes=<K>"
+            )
+        labels = out.argmax(1)
+        try:
+            for layer in layers:
+                layer.labels = labels
+            with torch.no_grad():
+                model(x)
+        finally:
+            for layer in layers:
+                layer.labels = None
+        return out

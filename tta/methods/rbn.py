@@ -1,0 +1,38 @@
+"""``rbn``: RoTTA's robust batch normalization alone, as a statistics method."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tta.layers.base import AdaptiveNorm, SourceNormState
+from tta.layers.robust_bn import RobustBatchNorm
+from tta.methods.base import require_range
+from tta.methods.statistics import StatisticsMethod
+from tta.registry import register_method
+
+
+@dataclasses.dataclass
+class RBNHparams:
+    #: alpha, weight of the current batch in the global moving average (official 0.05)
+    alpha: float = 0.05
+
+
+@register_method
+class RBN(StatisticsMethod):
+    """Robust BN of RoTTA (Yuan et al., CVPR 2023, §3.2, Eq. 3; BIT-DA/RoTTA).
+
+    Every BatchNorm keeps a global exponential moving average of the test-batch mean and
+    biased variance, ``mu_g <- (1 - alpha) mu_g + alpha mu_t`` (same for the variance),
+    starting from the source statistics, and normalizes with the average after the update
+    (the official layer's train-mode forward); see :class:`tta.layers.RobustBatchNorm`.
+    Compose it with an objective (``"rbn+tent"``); ``rotta`` runs on it by default.
+    """
+
+    name = "rbn"
+    Hparams = RBNHparams
+
+    def validate(self) -> None:
+        require_range("alpha", self.hparams.alpha, 0.0, 1.0)
+
+    def build_layer(self, name: str, source: SourceNormState) -> AdaptiveNorm:
+        return RobustBatchNorm(source, alpha=self.hparams.alpha, num_streams=self.num_streams)
