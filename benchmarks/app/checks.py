@@ -27,6 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from benchmarks.app.errors import BenchConfigError
 from benchmarks.app.models import check_model_config
+from benchmarks.app.preprocessing import check_preprocessing
+from benchmarks.app.spec import RunSpec
 
 logger = logging.getLogger(__name__)
 
@@ -110,22 +112,12 @@ def _known_domains(source: str) -> set[str]:
     return known
 
 
-def stream_config(cfg: DictConfig) -> Any:
-    """The :class:`benchmarks.streams.StreamConfig` of a composed config."""
-    from benchmarks.streams import StreamConfig
-
-    stream = OmegaConf.to_container(cfg.stream, resolve=True, enum_to_str=True)
-    dataset = OmegaConf.to_container(cfg.dataset, resolve=True, enum_to_str=True)
-    assert isinstance(stream, dict) and isinstance(dataset, dict)
-    return StreamConfig(
-        dataset=dataset["name"],
-        source=dataset["source"],
-        data_root=dataset.get("data_root"),
-        split=dataset["split"],
-        image_size=dataset["image_size"],
-        device=str(cfg.device),
-        **stream,
-    )
+def stream_config(cfg: "DictConfig | RunSpec") -> Any:
+    """The :class:`benchmarks.streams.StreamConfig` of a config; raises ``ValueError`` if it is invalid."""
+    spec = RunSpec.from_config(cfg)
+    if spec.stream is None:
+        raise ValueError(spec.stream_error)
+    return spec.stream
 
 
 def _check_data(config: Any) -> list[str]:
@@ -139,31 +131,34 @@ def _check_data(config: Any) -> list[str]:
     return []
 
 
-def num_streams(cfg: DictConfig) -> int:
-    return len(cfg.stream.domains) if cfg.eval.multi_stream else 1
+def num_streams(cfg: "DictConfig | RunSpec") -> int:
+    return RunSpec.from_config(cfg).num_streams
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Raise :class:`BenchConfigError` listing every problem of a composed config."""
+def check_config(cfg: "DictConfig | RunSpec") -> RunSpec:
+    """Raise :class:`BenchConfigError` listing every problem of a config; returns its
+    :class:`~benchmarks.app.spec.RunSpec` (built here when given a ``DictConfig``)."""
+    spec = RunSpec.from_config(cfg)
     problems: list[str] = []
     try:
-        check_method(str(cfg.method.name), dict(OmegaConf.to_container(cfg.method.hparams, resolve=True)), num_streams(cfg))
+        check_method(spec.method, dict(spec.hparams), spec.num_streams)
     except BenchConfigError as error:
         problems.append(str(error))
-    try:
-        config = stream_config(cfg)
-    except (ValueError, TypeError) as error:
-        problems.append(f"stream: {error}")
+    config = spec.stream
+    if config is None:
+        problems.append(f"stream: {spec.stream_error}")
     else:
         unknown = [d for d in config.domains if d not in _known_domains(config.source)]
         if unknown:
             problems.append(f"unknown domain(s) {unknown} in stream.domains; known: {sorted(_known_domains(config.source))}")
         problems += _check_data(config)
-        if cfg.eval.multi_stream and config.schedule != "reset_each_shift":
+        if spec.eval.multi_stream and config.schedule != "reset_each_shift":
             problems.append("eval.multi_stream=true runs domains as parallel reset-each-shift streams; it needs stream.schedule=reset_each_shift")
-    problems += check_model_config(cfg.model)
+    problems += check_model_config(spec.model)
+    problems += check_preprocessing(spec.model, image_size=spec.image_size, dataset=config.dataset if config else None)
     if problems:
         raise BenchConfigError("invalid benchmark config:\n  - " + "\n  - ".join(p.replace("\n", "\n    ") for p in problems))
+    return spec
 
 
 def sweep_job_configs(config: DictConfig) -> list[tuple[list[str], DictConfig]]:

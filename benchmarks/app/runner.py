@@ -7,9 +7,12 @@
 2. checks the config (:func:`benchmarks.app.checks.check_config`);
 3. builds the source model, wraps it with :func:`tta.adapt` and evaluates it online on the
    stream (:func:`benchmarks.evaluation.evaluate`, or the batched multi-stream evaluation
-   with ``eval.multi_stream=true``), with a progress bar;
-4. writes the result tables, then ``run.json`` last (all atomically), and logs one summary
-   line.
+   with ``eval.multi_stream=true``), with a progress bar; with
+   ``runtime.checkpoint_every=N`` it checkpoints every N batches into the run folder and a
+   restarted run continues from there (:mod:`benchmarks.evaluation.checkpoint`);
+4. writes the result tables, then ``run.json`` last (all atomically), with the run's
+   protocol fingerprint (:mod:`benchmarks.app.fingerprint`), removes the checkpoint, and
+   logs one summary line.
 """
 
 from __future__ import annotations
@@ -22,26 +25,27 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from benchmarks.app.checks import check_config, check_method, num_streams, stream_config
+from benchmarks.app.checks import check_config, check_method
 from benchmarks.app.errors import BenchConfigError
-from benchmarks.app.identity import abspath, identity, run_key, safe_name
+from benchmarks.app.fingerprint import build_protocol
+from benchmarks.app.identity import abspath, safe_name
 from benchmarks.app.models import build_model, model_label
 from benchmarks.app.records import load_finished, write_record
+from benchmarks.app.spec import RunSpec
+from benchmarks.evaluation.checkpoint import CHECKPOINT_NAME, CheckpointMismatch
 
 logger = logging.getLogger(__name__)
 
 
-def output_dir(cfg: DictConfig) -> Path:
+def output_dir(spec: RunSpec) -> Path:
     """Hydra's output folder of this job (the run folder), or the run dir outside Hydra."""
     from hydra.core.hydra_config import HydraConfig
 
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir)
-    from benchmarks.app.identity import run_id
-
-    return Path(abspath(str(cfg.paths.output_root))) / str(cfg.name) / run_id(cfg)
+    return Path(abspath(str(spec.paths.output_root))) / spec.name / f"{safe_name(spec.method)}-{spec.run_key}"
 
 
 def method_label(name: str, hparams: dict[str, Any]) -> str:
@@ -51,13 +55,13 @@ def method_label(name: str, hparams: dict[str, Any]) -> str:
     return f"{name}({inner})"
 
 
-def setting_of(cfg: DictConfig, stream: Any) -> dict[str, Any]:
+def setting_of(spec: RunSpec, stream: Any) -> dict[str, Any]:
     """What a run was evaluated on, apart from the method and the seed (the report's columns)."""
     from benchmarks.streams.config import STANDARD_DOMAINS
 
     order = stream.effective_label_order
     return {
-        "model": model_label(cfg.model),
+        "model": model_label(spec.model),
         "dataset": stream.dataset + ("(files)" if stream.source == "files" else ""),
         "schedule": stream.schedule,
         "label_order": order,
@@ -143,66 +147,85 @@ def summary_line(record: dict[str, Any], *, skipped: bool = False) -> str:
     )
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run (or skip) one benchmark config; returns its summary."""
-    out_dir = output_dir(cfg)
-    ident = identity(cfg)
-    key = run_key(ident)
-    if cfg.runtime.skip_finished:
-        done = load_finished(out_dir, ident)
+def run(cfg: DictConfig | RunSpec) -> dict[str, Any]:
+    """Run (or skip) one benchmark config; returns its summary.
+
+    The ``DictConfig`` is converted once into a :class:`RunSpec`; everything below reads it.
+    """
+    spec = RunSpec.from_config(cfg)
+    out_dir = output_dir(spec)
+    key = spec.run_key
+    if spec.runtime.skip_finished:
+        done = load_finished(out_dir, spec.identity)
         if done is not None:
             logger.info(summary_line(done, skipped=True))
             return done["summary"]
 
-    check_config(cfg)
-    if cfg.runtime.num_threads:
-        torch.set_num_threads(int(cfg.runtime.num_threads))
-    progress = bool(cfg.runtime.progress) if cfg.runtime.progress is not None else sys.stderr.isatty()
-    device = str(cfg.device)
-    stream_cfg = stream_config(cfg)
-    spec = str(cfg.method.name)
-    streams_n = num_streams(cfg)
-    hparams = check_method(spec, dict(OmegaConf.to_container(cfg.method.hparams, resolve=True)), streams_n)
+    check_config(spec)
+    if spec.runtime.num_threads:
+        torch.set_num_threads(int(spec.runtime.num_threads))
+    progress = bool(spec.runtime.progress) if spec.runtime.progress is not None else sys.stderr.isatty()
+    device = spec.device
+    stream_cfg = spec.stream
+    method = spec.method
+    streams_n = spec.num_streams
+    hparams = check_method(method, dict(spec.hparams), streams_n)
 
     import tta
-    from benchmarks.evaluation import evaluate, evaluate_multi_stream, write_results
+    from benchmarks.evaluation import StreamCheckpoint, evaluate, evaluate_multi_stream, write_results
     from benchmarks.streams import build_domain_streams, build_stream
 
     tick = time.perf_counter()
-    model = build_model(cfg.model, num_classes=int(cfg.dataset.num_classes), device=device, progress=progress)
-    _check_output_classes(model, int(cfg.model.num_classes or cfg.dataset.num_classes), int(cfg.dataset.image_size), device)
-    torch.manual_seed(int(cfg.seed))  # methods that draw random state at wrap time (UnMix-TNS)
-    logger.info("run %s-%s: %s on %s (%s)", safe_name(spec), key, method_label(spec, hparams), model_label(cfg.model), out_dir)
-    if cfg.eval.multi_stream:
-        streams = build_domain_streams(stream_cfg)
-        adapted = tta.adapt(model, spec, num_streams=streams_n, **hparams)
-        results = evaluate_multi_stream(
-            adapted, streams, window=int(cfg.eval.window), n_bins=int(cfg.eval.n_bins), progress=progress, device=device
+    model = build_model(spec.model, num_classes=spec.num_classes, device=device, progress=progress)
+    _check_output_classes(model, int(spec.model.num_classes or spec.num_classes), spec.image_size, device)
+    torch.manual_seed(spec.seed)  # methods that draw random state at wrap time (UnMix-TNS)
+    logger.info("run %s-%s: %s on %s (%s)", safe_name(method), key, method_label(method, hparams), model_label(spec.model), out_dir)
+    streams = build_domain_streams(stream_cfg) if spec.eval.multi_stream else [build_stream(stream_cfg)]
+    adapted = tta.adapt(model, method, num_streams=streams_n, **hparams)
+    protocol = build_protocol(spec, model, adapted.method, streams)
+    fingerprint = protocol.fingerprint()
+    checkpoint = None
+    if spec.runtime.checkpoint_every:
+        checkpoint = StreamCheckpoint(
+            out_dir / CHECKPOINT_NAME, spec.runtime.checkpoint_every, fingerprint,
+            protocol=protocol.to_dict(), resume=spec.runtime.resume,
         )
-    else:
-        stream = build_stream(stream_cfg)
-        adapted = tta.adapt(model, spec, **hparams)
-        results = [
-            evaluate(
-                adapted, stream, window=int(cfg.eval.window), n_bins=int(cfg.eval.n_bins), progress=progress,
-                name=safe_name(spec), device=device,
-            )
-        ]
+    common = {"window": int(spec.eval.window), "n_bins": int(spec.eval.n_bins), "progress": progress, "device": device}
+    try:
+        if spec.eval.multi_stream:
+            results = evaluate_multi_stream(adapted, streams, checkpoint=checkpoint, **common)
+        else:
+            results = [evaluate(adapted, streams[0], name=safe_name(method), checkpoint=checkpoint, **common)]
+    except CheckpointMismatch as error:
+        raise BenchConfigError(str(error)) from None
 
-    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    files = write_results(results, out_dir, config={"app": resolved, "streams": [r.config for r in results]})
+    # Timing stays out of the result tables (it is in run.json), so a resumed run writes
+    # exactly the bytes an uninterrupted run writes.
+    files = write_results(
+        results, out_dir, config={"app": spec.resolved, "streams": [r.config for r in results]}, timing=False
+    )
     record = {
         "run_id": out_dir.name,
         "run_key": key,
-        "name": str(cfg.name),
-        "seed": int(cfg.seed),
-        "method": {"name": spec, "hparams": hparams, "label": method_label(spec, hparams)},
-        "setting": setting_of(cfg, stream_cfg),
-        "summary": summarize(results, stream_cfg.schedule, int(cfg.eval.window)),
-        "identity": ident,
+        "name": spec.name,
+        "seed": spec.seed,
+        "method": {"name": method, "hparams": hparams, "label": method_label(method, hparams)},
+        "setting": setting_of(spec, stream_cfg),
+        "summary": summarize(results, stream_cfg.schedule, int(spec.eval.window)),
+        "identity": spec.identity,
+        "fingerprint": fingerprint,
+        "protocol": protocol.to_dict(),
+        "overrides": list(spec.overrides),
         "files": sorted(p.name for p in files.values()),
         "wall_seconds": time.perf_counter() - tick,
     }
+    if checkpoint is not None:
+        record["checkpoints"] = {
+            "every": checkpoint.every, "written": checkpoint.saves, "seconds": checkpoint.save_seconds,
+            "resumed_at_batch": checkpoint.resumed_at,
+        }
     write_record(out_dir, record)  # last: its presence marks the run finished
+    if checkpoint is not None:
+        checkpoint.remove()  # the run is finished; nothing to resume
     logger.info(summary_line({**record, "_dir": str(out_dir)}))
     return record["summary"]

@@ -55,6 +55,15 @@ class ModelKind(Enum):
     robustbench = "robustbench"
 
 
+class Preprocessing(Enum):
+    #: from the model kind (timm: pretrained_cfg; torchvision: ImageNet; others: [0, 1])
+    auto = "auto"
+    #: the checkpoint takes [0, 1] inputs (normalization, if any, inside the network)
+    unit = "unit"
+    #: the checkpoint takes inputs normalized with input_mean/input_std
+    normalized = "normalized"
+
+
 @dataclass
 class ModelConfig:
     """Where the source model comes from (see :mod:`benchmarks.app.models`)."""
@@ -72,6 +81,10 @@ class ModelConfig:
     #: per-channel input normalization applied inside the model (inputs arrive in [0, 1])
     input_mean: Optional[List[float]] = None
     input_std: Optional[List[float]] = None
+    #: what the checkpoint expects; checked against the dataset (benchmarks.app.preprocessing)
+    preprocessing: Preprocessing = Preprocessing.auto
+    #: resolution the checkpoint was trained at (None: any); must equal dataset.image_size
+    input_size: Optional[int] = None
     #: load_state_dict strictness
     strict: bool = True
     #: allow a timm/torchvision/project model without a checkpoint (random weights; smoke tests)
@@ -149,6 +162,11 @@ class RuntimeConfig:
     num_threads: Optional[int] = None
     #: return the stored result of a finished run instead of running it again
     skip_finished: bool = True
+    #: write a resumable checkpoint every this many batches (0: never); a restarted run
+    #: continues from it and ends with the same result files as an uninterrupted run
+    checkpoint_every: int = 0
+    #: continue from a checkpoint left by an interrupted run of the same protocol
+    resume: bool = True
 
 
 @dataclass

@@ -10,6 +10,7 @@ Typical use::
     write_results(result, "outputs/run")
 """
 
+from benchmarks.evaluation.checkpoint import CheckpointMismatch, StreamCheckpoint
 from benchmarks.evaluation.memory import PeakMemory, process_peak_rss_mb
 from benchmarks.evaluation.metrics import (
     DEFAULT_ECE_BINS,
@@ -27,11 +28,13 @@ from benchmarks.evaluation.writers import atomic_write_text, rows_to_csv, write_
 
 __all__ = [
     "DEFAULT_ECE_BINS",
+    "CheckpointMismatch",
     "ROW_FIELDS",
     "EvalResult",
     "OnlineRecorder",
     "PeakMemory",
     "SampleRecords",
+    "StreamCheckpoint",
     "atomic_write_text",
     "calibration_bins",
     "check_aligned",

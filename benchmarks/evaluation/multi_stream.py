@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from benchmarks.evaluation.memory import PeakMemory, synchronize
 from benchmarks.evaluation.metrics import DEFAULT_ECE_BINS
-from benchmarks.evaluation.online import Model, resolve_reset, stream_config, stream_device
+from benchmarks.evaluation.checkpoint import CheckpointMismatch, StreamCheckpoint
+from benchmarks.evaluation.online import Model, batches_from, resume_from, resolve_reset, stream_config, stream_device
 from benchmarks.evaluation.recorder import OnlineRecorder
 from benchmarks.evaluation.results import EvalResult
 from benchmarks.streams.stream import Batch
@@ -76,6 +77,7 @@ def evaluate_multi_stream(
     progress: bool = True,
     names: Sequence[str] | None = None,
     device: torch.device | str | None = None,
+    checkpoint: StreamCheckpoint | None = None,
 ) -> list[EvalResult]:
     """Evaluate S aligned streams together; one :class:`EvalResult` per stream.
 
@@ -89,6 +91,8 @@ def evaluate_multi_stream(
         window, n_bins, progress: as in :func:`benchmarks.evaluation.evaluate`.
         names: per-stream names (default: the stream's single domain, else ``stream<i>``).
         device: device for the memory measurement (defaults to the first stream's).
+        checkpoint: as in :func:`benchmarks.evaluation.evaluate` (one checkpoint holds all
+            S streams' records).
 
     Timing and memory are of the joint loop; each result's ``num_streams`` is S and its
     images/s counts the images of all streams.
@@ -106,11 +110,23 @@ def evaluate_multi_stream(
     recorders = [OnlineRecorder() for _ in range(num)]
     totals = [getattr(s, "num_samples", None) for s in streams]
     total = sum(totals) if all(t is not None for t in totals) else None  # type: ignore[misc]
-    model_seconds = 0.0
+    model_seconds, earlier_seconds, position = 0.0, 0.0, 0
+    resumed = resume_from(checkpoint, model)
+    if resumed is not None:
+        if len(resumed["recorders"]) != num:
+            raise CheckpointMismatch(f"{checkpoint.path} holds {len(resumed['recorders'])} streams, this run has {num}")  # type: ignore[union-attr]
+        for recorder, state in zip(recorders, resumed["recorders"]):
+            recorder.load_state_dict(state, dev)
+        position = int(resumed["position"])
+        model_seconds, earlier_seconds = resumed["extra"]["model_seconds"], resumed["extra"]["seconds"]
+    lengths = [len(s) if hasattr(s, "__len__") else None for s in streams]  # type: ignore[arg-type]
+    num_steps = lengths[0] if all(n is not None for n in lengths) else None
     bar = tqdm(total=total, unit="img", desc=f"{num} streams", disable=not progress)
     with PeakMemory(dev) as memory, bar:
+        bar.update(sum(r.num_samples for r in recorders))
         start = time.perf_counter()
-        for step, batches in enumerate(itertools.zip_longest(*streams)):
+        steps = itertools.zip_longest(*(batches_from(s, position) for s in streams))
+        for step, batches in enumerate(steps, start=position):
             _check_step(step, batches)
             if batches[0].reset and reset_fn is not None:
                 reset_fn()
@@ -123,8 +139,15 @@ def evaluate_multi_stream(
             for recorder, part, batch in zip(recorders, output.split(size), batches):
                 recorder.add(part, batch)
             bar.update(size * num)
+            if checkpoint is not None and checkpoint.due(step + 1, num_steps):
+                checkpoint.save(
+                    model=model,  # type: ignore[arg-type]
+                    position=step + 1,
+                    recorders=[r.state_dict() for r in recorders],
+                    extra={"model_seconds": model_seconds, "seconds": earlier_seconds + time.perf_counter() - start},
+                )
         synchronize(dev)
-        seconds = time.perf_counter() - start
+        seconds = earlier_seconds + time.perf_counter() - start
     return [
         EvalResult(
             name=name,

@@ -10,13 +10,15 @@ taken to be stateless, and reset flags are ignored.
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
+from benchmarks.evaluation.checkpoint import StreamCheckpoint
 from benchmarks.evaluation.memory import PeakMemory, synchronize
 from benchmarks.evaluation.metrics import DEFAULT_ECE_BINS
 from benchmarks.evaluation.recorder import OnlineRecorder
@@ -32,6 +34,29 @@ def resolve_reset(model: Model, reset: Callable[[], Any] | None) -> Callable[[],
         return reset
     candidate = getattr(model, "reset", None)
     return candidate if callable(candidate) else None
+
+
+def batches_from(stream: Iterable[Batch], position: int) -> Iterator[Batch]:
+    """The stream's batches from index ``position`` on (random access where the stream has it)."""
+    if position == 0:
+        yield from stream
+    elif hasattr(stream, "batch") and hasattr(stream, "__len__"):
+        for index in range(position, len(stream)):  # type: ignore[arg-type]
+            yield stream.batch(index)  # type: ignore[attr-defined]
+    else:  # a plain iterable: rebuild and skip the batches already evaluated
+        yield from itertools.islice(stream, position, None)
+
+
+def resume_from(checkpoint: StreamCheckpoint | None, model: Model) -> dict[str, Any] | None:
+    """Restore ``model`` and the RNGs from ``checkpoint`` when it holds a run to continue."""
+    if checkpoint is None:
+        return None
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError("a checkpointed evaluation needs a model with a state_dict (an nn.Module such as tta.Adapted)")
+    payload = checkpoint.load()
+    if payload is not None:
+        checkpoint.restore(payload, model)
+    return payload
 
 
 def stream_device(stream: Iterable[Batch], device: torch.device | str | None) -> torch.device:
@@ -56,6 +81,7 @@ def evaluate(
     name: str = "stream",
     device: torch.device | str | None = None,
     config: dict[str, Any] | None = None,
+    checkpoint: StreamCheckpoint | None = None,
 ) -> EvalResult:
     """Run ``model`` online over ``stream`` and measure it.
 
@@ -70,15 +96,25 @@ def evaluate(
         device: device for the memory measurement (defaults to ``stream.device``).
         config: resolved configuration stored with the result (defaults to
             ``stream.describe()``).
+        checkpoint: write a resumable checkpoint every ``checkpoint.every`` batches and, when
+            one of the same fingerprint exists, continue from it (``model`` must then be an
+            ``nn.Module``, e.g. ``tta.Adapted``); the result equals an uninterrupted run's.
     """
     dev = stream_device(stream, device)
     reset_fn = resolve_reset(model, reset)
     recorder = OnlineRecorder()
     total = getattr(stream, "num_samples", None)
-    model_seconds = 0.0
+    model_seconds, earlier_seconds, position = 0.0, 0.0, 0
+    resumed = resume_from(checkpoint, model)
+    if resumed is not None:
+        recorder.load_state_dict(resumed["recorders"][0], dev)
+        position = int(resumed["position"])
+        model_seconds, earlier_seconds = resumed["extra"]["model_seconds"], resumed["extra"]["seconds"]
+    num_batches = len(stream) if hasattr(stream, "__len__") else None  # type: ignore[arg-type]
     with PeakMemory(dev) as memory, tqdm(total=total, unit="img", desc=name, disable=not progress) as bar:
+        bar.update(recorder.num_samples)
         start = time.perf_counter()
-        for batch in stream:
+        for batch in batches_from(stream, position):
             if batch.reset and reset_fn is not None:
                 reset_fn()
             tick = time.perf_counter()
@@ -87,8 +123,16 @@ def evaluate(
             model_seconds += time.perf_counter() - tick
             recorder.add(output, batch)
             bar.update(len(batch))
+            position += 1
+            if checkpoint is not None and checkpoint.due(position, num_batches):
+                checkpoint.save(
+                    model=model,  # type: ignore[arg-type]
+                    position=position,
+                    recorders=[recorder.state_dict()],
+                    extra={"model_seconds": model_seconds, "seconds": earlier_seconds + time.perf_counter() - start},
+                )
         synchronize(dev)
-        seconds = time.perf_counter() - start
+        seconds = earlier_seconds + time.perf_counter() - start
     records = recorder.finish()
     return EvalResult(
         name=name,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,6 +86,30 @@ class OnlineRecorder:
         if self.domains is None:
             self.domains = tuple(batch.domains)
         self.num_batches += 1
+
+    @property
+    def num_samples(self) -> int:
+        return sum(int(t.shape[0]) for t in self._label)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything recorded so far, on the CPU (for a mid-stream checkpoint)."""
+        return {
+            "pred": [t.cpu() for t in self._pred],
+            "conf": [t.cpu() for t in self._conf],
+            "label": [t.cpu() for t in self._label],
+            "meta": [(ids.cpu(), int(sev), int(seg), pos.cpu()) for ids, sev, seg, pos in self._meta],
+            "domains": None if self.domains is None else list(self.domains),
+            "num_batches": self.num_batches,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device | str | None = None) -> None:
+        """Continue from :meth:`state_dict` (predictions go back to ``device``)."""
+        self._pred = [t.to(device) if device is not None else t for t in state["pred"]]
+        self._conf = [t.to(device) if device is not None else t for t in state["conf"]]
+        self._label = [t.to(device) if device is not None else t for t in state["label"]]
+        self._meta = [(ids, int(sev), int(seg), pos) for ids, sev, seg, pos in state["meta"]]
+        self.domains = None if state["domains"] is None else tuple(state["domains"])
+        self.num_batches = int(state["num_batches"])
 
     def finish(self) -> SampleRecords:
         """All records as NumPy arrays (one device-to-host copy per field)."""

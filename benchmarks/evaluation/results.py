@@ -101,7 +101,16 @@ class EvalResult:
             out[(self.domains[d], s)] = error_rate(self.records.correct[m])
         return out
 
-    def summary(self) -> dict[str, Any]:
+    #: fields of :meth:`summary` that measure the machine, not the predictions
+    TIMING_FIELDS = ("seconds", "model_seconds", "images_per_s", "model_images_per_s", "peak_memory_mb", "peak_memory_kind")
+
+    def summary(self, *, timing: bool = True) -> dict[str, Any]:
+        """Headline numbers; ``timing=False`` leaves out :attr:`TIMING_FIELDS`, so the
+        summary depends only on the predictions (identical for a resumed run)."""
+        out = self._summary()
+        return out if timing else {k: v for k, v in out.items() if k not in self.TIMING_FIELDS}
+
+    def _summary(self) -> dict[str, Any]:
         pairs = self.domain_severity_errors()
         severities = sorted({s for _, s in pairs})
         total_images = self.num_samples * self.num_streams

@@ -67,6 +67,7 @@ def write_results(
     *,
     config: dict[str, Any] | None = None,
     stem: str = "results",
+    timing: bool = True,
 ) -> dict[str, Path]:
     """Write ``<stem>.csv``, ``<stem>.json`` and ``config.json`` into ``out_dir`` atomically.
 
@@ -76,6 +77,9 @@ def write_results(
         config: the full resolved configuration of the run; defaults to the results' own
             ``config`` (one entry per stream when there are several).
         stem: base name of the table files.
+        timing: include wall-clock time, throughput and memory in the summaries. Without
+            them the files depend only on the predictions and the config, so a resumed run
+            writes the same bytes as an uninterrupted one.
 
     Returns:
         Paths of the written files, keyed ``"csv"``, ``"json"``, ``"config"``.
@@ -85,7 +89,7 @@ def write_results(
     rows = [row for r in results for row in r.rows()]
     if config is None:
         config = results[0].config if len(results) == 1 else {"streams": {r.name: r.config for r in results}}
-    payload = {"summaries": [r.summary() for r in results], "rows": rows}
+    payload = {"summaries": [r.summary(timing=timing) for r in results], "rows": rows}
     return {
         "csv": atomic_write_text(out / f"{stem}.csv", rows_to_csv(rows)),
         "json": atomic_write_text(out / f"{stem}.json", json.dumps(_jsonable(payload), indent=2) + "\n"),

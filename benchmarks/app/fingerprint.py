@@ -1,0 +1,167 @@
+"""The protocol block of a benchmark run (:mod:`benchmarks.protocol`), built from its
+:class:`~benchmarks.app.spec.RunSpec`, the source model, the built method and the stream(s)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from benchmarks.app.models import Normalized, checkpoint_path, model_label
+from benchmarks.app.preprocessing import input_protocol_fields
+from benchmarks.app.spec import RunSpec
+from benchmarks.protocol import (
+    RESET_POLICIES,
+    DataProtocol,
+    InputProtocol,
+    MethodProtocol,
+    MetricProtocol,
+    ModelProtocol,
+    Protocol,
+    SettingProtocol,
+    code_sha256,
+    normalization_layers,
+    resolved_hparams,
+    sha256_file,
+    software_protocol,
+    state_dict_sha256,
+    stream_data_sha256,
+    stream_order_sha256,
+)
+
+CORRUPTION_PACKAGE = "benchmarks.corruptions"
+
+
+def _checkpoint_facts(path: Path | None) -> tuple[str | None, float | None]:
+    """(sha256 of the weights file, the clean accuracy stored in it) when there is a file."""
+    if path is None or not path.is_file():
+        return None, None
+    accuracy = None
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(content, dict) and isinstance(content.get("clean_accuracy"), (int, float)):
+            accuracy = float(content["clean_accuracy"])
+    except Exception:  # noqa: BLE001 - a file torch cannot read safely has no metadata for us
+        pass
+    return sha256_file(path), accuracy
+
+
+def _digits_cache_file(spec: RunSpec) -> Path | None:
+    """The cached digits model of a config without a checkpoint (where
+    :func:`benchmarks.models.digits.digits_source_model` stores it)."""
+    from benchmarks.models.cache import cache_dir
+    from benchmarks.models.digits import DigitsTrainConfig
+
+    train = DigitsTrainConfig(**dict(spec.model.kwargs))
+    return cache_dir() / "models" / f"digits_cnn_{train.norm}_{train.key()}.pt"
+
+
+def model_protocol(spec: RunSpec, model: nn.Module, num_classes: int) -> ModelProtocol:
+    inner = model.model if isinstance(model, Normalized) else model
+    kind = getattr(spec.model.kind, "value", spec.model.kind)
+    path = checkpoint_path(spec.model)
+    if path is None and kind == "digits":
+        path = _digits_cache_file(spec)
+    file_sha, accuracy = _checkpoint_facts(path)
+    return ModelProtocol(
+        kind=str(kind),
+        arch=spec.model.arch,
+        label=model_label(spec.model),
+        weights_sha256=state_dict_sha256(inner.state_dict()),
+        checkpoint_sha256=file_sha,
+        clean_accuracy=accuracy,
+        normalization_layers=normalization_layers(inner),
+        num_classes=num_classes,
+    )
+
+
+def _combined(hashes: Sequence[str]) -> str:
+    return hashes[0] if len(hashes) == 1 else hashlib.sha256("".join(hashes).encode()).hexdigest()
+
+
+def _generator(config: Any) -> tuple[str, str]:
+    """(name, version) of what produced the corrupted images."""
+    if config.source == "generate":
+        return CORRUPTION_PACKAGE, "code-sha256:" + code_sha256(CORRUPTION_PACKAGE)
+    from benchmarks.data.corrupted import CIFAR_C_DIRS, GENERATION_SIDECAR
+
+    name = config.dataset.lower().removesuffix("_c").removesuffix("-c")
+    root = Path(config.data_root or ".")
+    folder = root if root.name == CIFAR_C_DIRS.get(name, "") else root / CIFAR_C_DIRS.get(name, "")
+    sidecar = folder / GENERATION_SIDECAR
+    if sidecar.is_file():
+        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+        return str(meta.get("generator", "scripts/make_cifar_c.py")), str(meta.get("generator_version", "unversioned"))
+    return f"{CIFAR_C_DIRS.get(name, name)} files (Hendrycks & Dietterich, 2019)", "official"
+
+
+def data_protocol(spec: RunSpec, streams: Sequence[Any]) -> DataProtocol:
+    config = spec.stream
+    generator, version = _generator(config)
+    sequence = tuple(config.severity_sequence())
+    num_samples = sum(s.num_samples for s in streams)
+    per_domain = num_samples // max(1, len(config.domains) * len(sequence) * config.replays)
+    return DataProtocol(
+        dataset=config.dataset,
+        source=config.source,
+        split=config.split,
+        sha256=_combined([stream_data_sha256(s) for s in streams]),
+        corruption_generator=generator,
+        corruption_generator_version=version,
+        corruption_seed=config.corruption_seed if config.source == "generate" else None,
+        quantize=bool(config.quantize),
+        domains=tuple(config.domains),
+        severities=tuple(config.severities),
+        severity_sequence=sequence,
+        images_per_domain=int(per_domain),
+        num_samples=int(num_samples),
+    )
+
+
+def setting_protocol(spec: RunSpec, streams: Sequence[Any]) -> SettingProtocol:
+    config = spec.stream
+    order = config.effective_label_order
+    params: dict[str, Any] = {}
+    if order == "dirichlet":
+        params = {"delta": float(config.delta), "min_chunk": int(config.dirichlet_min_chunk)}
+    policy = RESET_POLICIES[config.schedule]
+    if spec.num_streams > 1:
+        policy += f" (the domains run as {spec.num_streams} parallel streams, each reset at its start)"
+    return SettingProtocol(
+        schedule=config.schedule,
+        reset_policy=policy,
+        label_order=order,
+        label_order_params=params,
+        batch_size=int(config.batch_size),
+        num_streams=spec.num_streams,
+        replays=int(config.replays),
+        seeds={"run": spec.seed, "stream": int(config.seed), "corruption": int(config.corruption_seed)},
+        order_sha256=_combined([stream_order_sha256(s) for s in streams]),
+    )
+
+
+def metric_protocol(spec: RunSpec) -> MetricProtocol:
+    averaging = (
+        "mean over (domain, severity) pairs of the online error"
+        if spec.stream.schedule == "gradual"
+        else "mean over domains of the per-domain online error (all samples of a domain pooled)"
+    )
+    return MetricProtocol(averaging=averaging, ece_bins=int(spec.eval.n_bins), window=int(spec.eval.window))
+
+
+def build_protocol(spec: RunSpec, model: nn.Module, method: Any, streams: Sequence[Any]) -> Protocol:
+    """The protocol of a run whose source ``model``, built ``method`` and ``streams`` exist."""
+    return Protocol(
+        model=model_protocol(spec, model, int(spec.model.num_classes or spec.num_classes)),
+        input=InputProtocol(**input_protocol_fields(spec.model, spec.image_size)),
+        data=data_protocol(spec, streams),
+        setting=setting_protocol(spec, streams),
+        metric=metric_protocol(spec),
+        method=MethodProtocol(name=spec.method, hparams=resolved_hparams(method)),
+        software=software_protocol(spec.device),
+    )

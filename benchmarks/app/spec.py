@@ -1,0 +1,127 @@
+"""The typed run specification: a composed Hydra config converted once, where the app starts.
+
+:func:`RunSpec.from_config` turns the ``DictConfig`` of a job into frozen, typed values (the
+schema's dataclasses for the model, the stream's :class:`~benchmarks.streams.StreamConfig`,
+the method's converted hyperparameters, the run identity). The checks, the runner and the
+protocol builder read this object; nothing after it converts the ``DictConfig`` again, so
+every helper sees the same values (resolvers such as ``${tta.abspath:}`` are evaluated once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from benchmarks.app.errors import BenchConfigError
+from benchmarks.app.schema import AppConfig, EvalConfig, ModelConfig, PathsConfig, RuntimeConfig
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything one run needs, resolved and typed (see the module docstring)."""
+
+    name: str
+    seed: int
+    device: str
+    model: ModelConfig
+    method: str
+    #: hyperparameters as given in the config (converted and checked by :mod:`checks`)
+    hparams: dict[str, Any]
+    #: the stream definition, or the error that prevented building it
+    stream: Any
+    stream_error: str | None
+    num_classes: int
+    image_size: int
+    eval: EvalConfig
+    runtime: RuntimeConfig
+    paths: PathsConfig
+    #: the resolved config minus the keys that do not change a result (``run_key`` hashes it)
+    identity: dict[str, Any]
+    #: the whole resolved config (written to ``config.json``)
+    resolved: dict[str, Any]
+    #: Hydra's task overrides of this job (``["method=tent", ...]``), empty outside Hydra
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def num_streams(self) -> int:
+        """Parallel streams: the domains with ``eval.multi_stream``, else 1."""
+        return len(self.stream.domains) if self.eval.multi_stream and self.stream is not None else 1
+
+    @property
+    def run_key(self) -> str:
+        from benchmarks.app.identity import run_key
+
+        return run_key(self.identity)
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig | "RunSpec") -> "RunSpec":
+        if isinstance(cfg, RunSpec):
+            return cfg
+        from benchmarks.app.identity import identity
+        from benchmarks.streams import StreamConfig
+
+        if "hydra" in cfg:  # Hydra callbacks see the hydra node too; it is no part of a run
+            cfg = cfg.copy()
+            with open_dict(cfg):
+                del cfg["hydra"]
+        try:
+            typed: AppConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+        except Exception as error:  # noqa: BLE001 - OmegaConf's interpolation/validation errors
+            raise BenchConfigError(f"invalid benchmark config: {error}") from None
+        stream_values = _plain(dataclasses.asdict(typed.stream))
+        dataset = typed.dataset
+        stream, stream_error = None, None
+        try:
+            stream = StreamConfig(
+                dataset=dataset.name,
+                source=_plain(dataset.source),
+                data_root=dataset.data_root,
+                split=dataset.split,
+                image_size=dataset.image_size,
+                device=str(typed.device),
+                **stream_values,
+            )
+        except (ValueError, TypeError) as error:
+            stream_error = str(error)
+        resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        assert isinstance(resolved, dict)
+        return cls(
+            name=str(typed.name),
+            seed=int(typed.seed),
+            device=str(typed.device),
+            model=typed.model,
+            method=str(typed.method.name),
+            hparams=dict(_plain(typed.method.hparams)),
+            stream=stream,
+            stream_error=stream_error,
+            num_classes=int(dataset.num_classes),
+            image_size=int(dataset.image_size),
+            eval=typed.eval,
+            runtime=typed.runtime,
+            paths=typed.paths,
+            identity=identity(cfg),
+            resolved=resolved,
+            overrides=_task_overrides(),
+        )
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return getattr(value, "value", value) if hasattr(type(value), "__members__") else value
+
+
+def _task_overrides() -> tuple[str, ...]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            return tuple(str(o) for o in HydraConfig.get().overrides.task)
+    except Exception:  # noqa: BLE001 - outside a Hydra app
+        pass
+    return ()
