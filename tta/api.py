@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from tta.layers.base import AdaptiveNorm, commit_layers
-from tta.methods.base import Method
+from tta.methods.base import DEFAULT_SEED, Method
 from tta.registry import available_methods, build_method
 from tta.surgery import find_norm_layers, is_group_or_layer_norm
 from tta.validation import check_batch, infer_input_ndim, model_dtype
@@ -40,6 +40,28 @@ def choose_method(model: nn.Module) -> tuple[str, str]:
             return "sar", "the model has GroupNorm/LayerNorm layers and no BatchNorm"
         return "source", "GroupNorm/LayerNorm only, and no entropy method is registered"
     return "source", "the model has no normalization layer to adapt"
+
+
+@contextlib.contextmanager
+def _step_mode() -> Iterator[None]:
+    """Autograd on and inference mode off for a step, whatever the caller's context (a
+    method that needs no gradient disables it itself)."""
+    with contextlib.ExitStack() as stack:
+        if torch.is_inference_mode_enabled():
+            stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        yield
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """0-d bool on the device of ``tensors[0]``: whether every floating tensor on that device is
+    finite. One max-abs per tensor (no overflow, unlike a sum), no host synchronisation."""
+    device = tensors[0].device
+    floating = [t.detach() for t in tensors if t.is_floating_point() and t.device == device and t.numel()]
+    if not floating:
+        return torch.ones((), dtype=torch.bool, device=device)
+    norms = torch._foreach_norm(floating, float("inf"))
+    return torch.isfinite(torch.stack([n.float() for n in norms])).all()
 
 
 class Adapted(nn.Module):
@@ -83,7 +105,9 @@ class Adapted(nn.Module):
         check_batch(
             x, input_ndim=self.input_ndim, dtype=model_dtype(self.model), num_streams=self.num_streams
         )
-        with self._lock:
+        with self._lock, _step_mode():
+            if x.is_inference():  # served under torch.inference_mode(): a normal copy to adapt on
+                x = x.clone()
             layers = self.adaptive_layers()
             if not self._adapting:
                 for layer in layers:
@@ -95,13 +119,18 @@ class Adapted(nn.Module):
                         layer.adapting = True
             if self.method.episodic:
                 self._restore_initial_state()
+            guard = self.method.guard()
             try:
                 out = self.method.step(self.model, x)
             except BaseException:
                 for layer in layers:
                     layer.discard()
+                if guard:
+                    guard.restore(torch.zeros((), dtype=torch.bool, device=x.device))
                 raise
             commit_layers(layers)
+            if guard:
+                guard.restore(_all_finite([x, out, *guard.current()]))
             return out
 
     @contextlib.contextmanager
@@ -156,6 +185,18 @@ class Adapted(nn.Module):
         self.__dict__.update(state)
         self._lock = threading.RLock()
 
+    def _apply(self, fn: Any, recurse: bool = True) -> "Adapted":
+        """``.to()``, ``.half()``, ``.cuda()``...: the method's state follows the model (see
+        :meth:`tta.methods.base.Method.follow_device`); statistics stay float32."""
+        reference = next(iter(self.model.parameters()), None)
+        if reference is None:
+            reference = next(iter(self.model.buffers()), None)
+        with self._lock:
+            if reference is not None:
+                probe = fn(torch.zeros((), dtype=torch.float32, device=reference.device))
+                self.method.follow_device(fn, probe.device, probe.dtype in (torch.float16, torch.bfloat16))
+            return super()._apply(fn, recurse)
+
     def extra_repr(self) -> str:
         return f"method={self.method.describe()}"
 
@@ -167,6 +208,7 @@ def adapt(
     inplace: bool = False,
     num_streams: int = 1,
     input_ndim: int | None | str = _INFER,
+    seed: int = DEFAULT_SEED,
     **hparams: Any,
 ) -> Adapted:
     """Wrap ``model`` so that every call adapts it online.
@@ -182,13 +224,25 @@ def adapt(
             equal-size sub-batches, stream-major. Statistics methods only.
         input_ndim: expected input rank, checked on every call; inferred from the first
             convolution by default, ``None`` disables the check.
+        seed: seeds the wrapper's own random generator, from which methods draw any random
+            state (UnMix-TNS's initial components): two wraps of one model with the same
+            seed agree, and the global torch RNG is neither used nor advanced.
         **hparams: the method's hyperparameters (``<method>__<name>`` where a composition has
             the same name twice).
 
     Raises:
         ValueError: unknown method or hyperparameter (the message lists the valid ones), a
-            statistics method on a model without supported normalization layers.
+            hyperparameter out of range, a statistics method on a model without supported
+            normalization layers.
+        TypeError: ``model`` is not an ``nn.Module`` or is already an :class:`Adapted`; a
+            hyperparameter of the wrong type (the message names it and the accepted values).
     """
+    if isinstance(model, Adapted):
+        raise TypeError(
+            f"model is already adapted (method {model.method_name!r}); wrapping it again would adapt "
+            "an adapting model. Re-wrap the underlying network with tta.adapt(adapted.model, ...) "
+            "(it holds the adapted layers) or start over from the original model"
+        )
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(num_streams, int) or num_streams < 1:
@@ -197,7 +251,7 @@ def adapt(
     if method == "auto":
         method, reason = choose_method(model)
         logger.info("tta.adapt: method='auto' chose %r (%s)", method, reason)
-    built = build_method(method, num_streams=num_streams, **hparams)
+    built = build_method(method, num_streams=num_streams, seed=seed, **hparams)
     target = model if inplace else copy.deepcopy(model)
     target.eval()
     if input_ndim == _INFER:

@@ -69,8 +69,16 @@ def _split_hparams(classes: list[type["Method"]], hparams: dict[str, Any]) -> li
     return routed
 
 
-def build_method(spec: str, num_streams: int = 1, **hparams: Any) -> "Method":
-    """Build a method from ``"name"`` or ``"statistics+name"`` with routed hyperparameters."""
+def build_method(spec: str, num_streams: int = 1, seed: int | None = None, **hparams: Any) -> "Method":
+    """Build a method from ``"name"`` or ``"statistics+name"`` with routed hyperparameters.
+
+    ``seed`` seeds the method's generator (``Method.generator``; the parts of a composition
+    share it); None is :data:`tta.methods.base.DEFAULT_SEED`. In an explicit composition the
+    statistics method's ``objective_defaults`` replace the other part's defaults of the same
+    name (``"unmix_tns+tent"`` trains with lr 1e-5, see :class:`tta.methods.unmix_tns.UnMixTNS`);
+    a value the caller passes wins.
+    """
+    from tta.methods.base import DEFAULT_SEED
     from tta.methods.composite import Composite
 
     if not isinstance(spec, str) or not spec:
@@ -84,8 +92,17 @@ def build_method(spec: str, num_streams: int = 1, **hparams: Any) -> "Method":
         implicit = True
     else:
         implicit = False
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an integer, got {seed!r} ({type(seed).__name__})")
     routed = _split_hparams(classes, hparams)
+    if len(classes) == 2 and not implicit:
+        declared = {field.name for field in dataclasses.fields(classes[1].Hparams)}
+        for name, value in getattr(classes[0], "objective_defaults", {}).items():
+            if name in declared:
+                routed[1].setdefault(name, value)
     methods = [cls(num_streams=num_streams, **kw) for cls, kw in zip(classes, routed)]
+    seed = DEFAULT_SEED if seed is None else seed
     if len(methods) == 1:
+        methods[0].set_seed(seed)
         return methods[0]
-    return Composite(methods[0], methods[1], implicit=implicit)
+    return Composite(methods[0], methods[1], implicit=implicit, seed=seed)

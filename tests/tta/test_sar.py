@@ -162,9 +162,39 @@ def test_recovery_resets_a_collapsing_run():
     assert sar.num_recoveries == 1
     for name, p in adapted.model.named_parameters():
         assert torch.equal(p, dict(model.named_parameters())[name]), name
-    assert sar.optimizer.state_dict()["state"] == initial_optimizer["state"] == {}
+    state = sar.optimizer.state_dict()["optimizer"]["state"]
+    assert state.keys() == initial_optimizer["optimizer"]["state"].keys()
+    for index, entry in state.items():  # momentum buffers back to their initial zeros
+        assert torch.equal(entry["momentum_buffer"], initial_optimizer["optimizer"]["state"][index]["momentum_buffer"])
+        assert not entry["momentum_buffer"].any()
     assert not bool(sar._ema_set)  # corrected: the average is cleared
     assert sar.optimizer.param_groups[0]["lr"] == 0.05
+
+
+def test_faithful_recovery_keeps_the_sgd_momentum_buffers():
+    """Official: reset() loads the optimizer state through SAM's load_state_dict, which does
+    not touch the wrapped SGD's momentum buffers (mr-eggplant/SAR sar.py, sam.py)."""
+    for faithful in (False, True):
+        adapted = tta.adapt(ln_mlp(scale=100.0), "sar", lr=0.05, faithful=faithful)
+        sar = inner(adapted)
+        seen = []
+        original_recover = sar._recover
+
+        def spy(model, original_recover=original_recover, sar=sar, seen=seen):
+            seen.append([s["momentum_buffer"].clone() for s in sar.optimizer.state.values()])
+            original_recover(model)
+
+        sar._recover = spy
+        adapted(batch())
+        assert sar.num_recoveries == 1
+        before = seen[0]
+        after = [s["momentum_buffer"] for s in sar.optimizer.state.values()]
+        assert any(b.abs().sum() > 0 for b in before)  # the step did move them
+        for b, a in zip(before, after):
+            if faithful:
+                assert torch.equal(a, b)  # survive the recovery
+            else:
+                assert not a.any()  # reset with the rest of the state
 
 
 def test_faithful_mode_keeps_the_average_and_hardcodes_the_threshold():
@@ -293,7 +323,7 @@ def test_state_dict_round_trip_reset_and_episodic():
         assert torch.equal(adapted(batch(seed=seed)), restored(batch(seed=seed)))
     assert torch.equal(inner(adapted)._ema, inner(restored)._ema)
     adapted.reset()
-    assert inner(adapted)._ema is None
+    assert not bool(inner(adapted)._ema_set) and float(inner(adapted)._ema) == 0.0
     for key, value in adapted.state_dict().items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(value, initial[key]), key

@@ -70,6 +70,17 @@ class AdaptiveNorm(nn.Module):
         self.adapting = True
         self._pending: dict[str, torch.Tensor] | None = None
 
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        """``.half()``/``.to(dtype)`` convert the affine parameters like any layer's, but the
+        statistics buffers stay float32 (they only move to the new device)."""
+        floating = {name: b for name, b in self._buffers.items() if b is not None and b.dtype == torch.float32}
+        result = super()._apply(fn, recurse)
+        for name, before in floating.items():
+            after = self._buffers[name]
+            if after is not None and after.dtype != torch.float32:
+                self._buffers[name] = before.to(after.device)
+        return result
+
     # -- statistics state ------------------------------------------------------------------
     def require_source_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.source_mean is None or self.source_var is None:

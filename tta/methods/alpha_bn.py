@@ -6,15 +6,19 @@ import dataclasses
 
 from tta.layers.base import AdaptiveNorm, SourceNormState
 from tta.layers.batch_stats import AlphaBatchNorm
-from tta.methods.base import require_range
-from tta.methods.statistics import StatisticsMethod
+from tta.methods.base import hparam
+from tta.methods.statistics import StatisticsMethod, layers_hparam
 from tta.registry import register_method
 
 
 @dataclasses.dataclass
 class AlphaBNHparams:
     #: weight of the *source* statistics (paper convention); BN-alpha's a = 1 - alpha
-    alpha: float = 0.9
+    alpha: float = hparam(0.9, low=0.0, high=1.0)
+    #: which BatchNorm layers mix statistics: "spatial" (BatchNorm2d/3d, as the BN-alpha
+    #: reference, which wraps BatchNorm2d only) or "all" (BatchNorm1d too); the others keep
+    #: their source statistics
+    layers: str = layers_hparam("spatial")
 
 
 @register_method
@@ -26,13 +30,13 @@ class AlphaBN(StatisticsMethod):
     ``alpha = 1`` is the source model, ``alpha = 0`` test-time BN. No official code exists; the
     default 0.9 equals the BN-alpha baseline's ``a = 0.1`` of the UnMix-TNS and
     mariodoebler benchmarks (which weight the test side). See ``ALGORITHMS.md`` §5.
+
+    ``layers="spatial"`` (default, the BN-alpha reference) adapts BatchNorm2d/3d and keeps
+    BatchNorm1d layers at their source statistics; ``layers="all"`` mixes in BatchNorm1d too.
     """
 
     name = "alpha_bn"
     Hparams = AlphaBNHparams
-
-    def validate(self) -> None:
-        require_range("alpha", self.hparams.alpha, 0.0, 1.0)
 
     def build_layer(self, name: str, source: SourceNormState) -> AdaptiveNorm:
         return AlphaBatchNorm(source, alpha=self.hparams.alpha, num_streams=self.num_streams)

@@ -8,7 +8,7 @@ from torch import nn
 
 from tta.layers.base import AdaptiveNorm, SourceNormState
 from tta.layers.bcn import BatchChannelNorm2d, TestTimeBatchChannelNorm
-from tta.methods.base import require_range
+from tta.methods.base import hparam
 from tta.methods.statistics import StatisticsMethod
 from tta.registry import register_method
 from tta.surgery import replace_modules
@@ -19,7 +19,7 @@ class BCNHparams:
     #: EstBN moving speed r of the estimated batch-stage statistics at test time. None: each
     #: layer's own training value (``moving_speed`` of an estimated-statistics BCN, the BN
     #: momentum of a BatchNorm-stage BCN, 0.1 when that is None). UNVERIFIED in the papers.
-    moving_speed: float | None = None
+    moving_speed: float | None = hparam(None, low=0.0, high=1.0)
 
 
 @register_method
@@ -40,10 +40,6 @@ class BCN(StatisticsMethod):
 
     name = "bcn"
     Hparams = BCNHparams
-
-    def validate(self) -> None:
-        if self.hparams.moving_speed is not None:
-            require_range("moving_speed", self.hparams.moving_speed, 0.0, 1.0)
 
     def build_layer(self, name: str, source: SourceNormState) -> AdaptiveNorm:  # pragma: no cover
         raise NotImplementedError("bcn converts BatchChannelNorm2d layers, not BatchNorm")

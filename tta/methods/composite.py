@@ -14,7 +14,7 @@ from tta.surgery import find_norm_layers
 class Composite(Method):
     """``"<statistics>+<method>"``: convert with both (statistics first), step with the second."""
 
-    def __init__(self, statistics: Method, method: Method, *, implicit: bool = False) -> None:
+    def __init__(self, statistics: Method, method: Method, *, implicit: bool = False, seed: int | None = None) -> None:
         if statistics.role != STATISTICS:
             raise ValueError(
                 f"the first part of a composition must be a statistics method, got {statistics.name!r}"
@@ -32,6 +32,9 @@ class Composite(Method):
         self.role = method.role  # type: ignore[misc]
         self.num_streams = method.num_streams
         self.hparams = method.hparams
+        self._state_names = []
+        if seed is not None:
+            self.set_seed(seed)
 
     @property
     def episodic(self) -> bool:
@@ -47,6 +50,27 @@ class Composite(Method):
 
     def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return self.method.predict(model, x)
+
+    def set_seed(self, seed: int) -> None:
+        self.statistics.set_seed(seed)
+        self.method.share_generator(self.statistics)
+
+    @property
+    def generator(self) -> torch.Generator:  # type: ignore[override]
+        return self.statistics.generator
+
+    def optimizers(self) -> list[Any]:
+        return self.statistics.optimizers() + self.method.optimizers()
+
+    def parts(self) -> list[Method]:
+        return [self.statistics, self.method]
+
+    def guarded_tensors(self) -> list[torch.Tensor]:
+        return self.statistics.guarded_tensors() + self.method.guarded_tensors()
+
+    def follow_device(self, fn: Any, device: torch.device, low_precision: bool) -> None:
+        self.statistics.follow_device(fn, device, low_precision)
+        self.method.follow_device(fn, device, low_precision)
 
     def extra_state(self) -> dict[str, Any]:
         return {"statistics": self.statistics.extra_state(), "method": self.method.extra_state()}

@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from tta.layers.base import AdaptiveNorm
+from tta.methods.base import MasterOptimizer
 
 
 def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -71,14 +72,16 @@ def nonfinite_guard_(grads: Sequence[torch.Tensor], norms: Sequence[torch.Tensor
 
     Decided on the device (no host synchronisation): a batch with NaN/Inf somewhere in the
     forward (e.g. a NaN pixel under batch statistics) contributes no gradient instead of
-    poisoning the adapted parameters for good. The optimizer still applies its momentum, as
-    for any zero-gradient step. ``norms`` are the per-tensor norms when already computed.
+    poisoning the adapted parameters for good (the wrapper's guard then also undoes the
+    optimizer's momentum step, see :class:`tta.Adapted`). ``norms`` are the per-tensor norms
+    when already computed.
     """
     if not grads:
         return torch.zeros(())
     if norms is None:
-        norms = torch._foreach_norm(list(grads))
-    total = torch.linalg.vector_norm(torch.stack(list(norms)))
+        # fp32 norms: the squares of half-precision gradients overflow early
+        norms = torch._foreach_norm(list(grads), 2, dtype=torch.float32)
+    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
     bad = ~torch.isfinite(total)
     for grad in grads:
         grad.masked_fill_(bad, 0.0)
@@ -100,24 +103,29 @@ def build_optimizer(
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     nesterov: bool = False,
-) -> torch.optim.Optimizer:
-    """Adam (``betas = (beta, 0.999)``) or SGD (``momentum``, dampening 0, ``nesterov``)."""
+) -> MasterOptimizer:
+    """Adam (``betas = (beta, 0.999)``) or SGD (``momentum``, dampening 0, ``nesterov``), on
+    fp32 master copies of half-precision parameters (:class:`tta.methods.base.MasterOptimizer`).
+
+    On CUDA, Adam keeps its step count on the device (``capturable``), so that neither the
+    step nor the non-finite guard synchronises with the host."""
+    params = list(params)
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=(beta, 0.999), weight_decay=weight_decay)
+        return MasterOptimizer(params, torch.optim.Adam, lr=lr, betas=(beta, 0.999), weight_decay=weight_decay)
     if name == "sgd":
-        return torch.optim.SGD(
-            params, lr=lr, momentum=momentum, dampening=0.0, weight_decay=weight_decay,
+        return MasterOptimizer(
+            params, torch.optim.SGD, lr=lr, momentum=momentum, dampening=0.0, weight_decay=weight_decay,
             nesterov=nesterov and momentum > 0,
         )
     raise ValueError(f"optimizer must be 'adam' or 'sgd', got {name!r}")
 
 
-def optimizer_state(optimizer: torch.optim.Optimizer | None) -> dict[str, Any] | None:
+def optimizer_state(optimizer: MasterOptimizer | torch.optim.Optimizer | None) -> dict[str, Any] | None:
     """A detached deep copy of the optimizer state (later steps do not mutate it)."""
     return None if optimizer is None else copy.deepcopy(optimizer.state_dict())
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer | None, state: dict[str, Any] | None) -> None:
+def load_optimizer_state(optimizer: MasterOptimizer | torch.optim.Optimizer | None, state: dict[str, Any] | None) -> None:
     """Load a deep copy, so the caller's dict never aliases the live optimizer state."""
     if optimizer is not None and state is not None:
         optimizer.load_state_dict(copy.deepcopy(state))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tta.features import find_classifier, logits_and_features
-from tta.methods.base import OUTPUT, Method
+from tta.methods.base import OUTPUT, Method, hparam
 from tta.registry import register_method
 
 _EPS_LOG = 1e-10  # official: unary = -log(p + 1e-10)
@@ -20,14 +20,14 @@ _CHECK_EVERY = 10  # iterations between host-side convergence checks
 @dataclasses.dataclass
 class LAMEHparams:
     #: affinity on the L2-normalized penultimate features: "knn", "rbf" (official default) or "linear"
-    affinity: str = "rbf"
+    affinity: str = hparam("rbf", choices=("knn", "rbf", "linear"))
     #: k: neighbours of the kNN affinity; for rbf, sigma = mean distance to the k-th nearest
     #: point counting the point itself (official 5)
-    knn: int = 5
+    knn: int = hparam(5, low=1)
     #: lambda, weight of the Laplacian term (official 1)
-    bound_lambda: float = 1.0
+    bound_lambda: float = hparam(1.0, low=0.0)
     #: maximum bound-optimization iterations (official 100)
-    max_steps: int = 100
+    max_steps: int = hparam(100, low=1)
     #: symmetrize the affinity, W <- (W + W^T) / 2 (official False)
     force_symmetry: bool = False
     #: qualified name of the classifier layer whose input are the features; None: found
@@ -140,17 +140,6 @@ class LAME(Method):
     def __init__(self, num_streams: int = 1, **hparams: Any) -> None:
         super().__init__(num_streams, **hparams)
         self._layer: str | None = self.hparams.feature_layer
-
-    def validate(self) -> None:
-        hp = self.hparams
-        if hp.affinity not in AFFINITIES:
-            raise ValueError(f"affinity must be one of {sorted(AFFINITIES)}, got {hp.affinity!r}")
-        if int(hp.knn) != hp.knn or hp.knn < 1:
-            raise ValueError(f"knn must be a positive integer, got {hp.knn}")
-        if int(hp.max_steps) != hp.max_steps or hp.max_steps < 1:
-            raise ValueError(f"max_steps must be a positive integer, got {hp.max_steps}")
-        if hp.bound_lambda < 0:
-            raise ValueError(f"bound_lambda must be >= 0, got {hp.bound_lambda}")
 
     def convert(self, model: nn.Module) -> nn.Module:
         if self._layer is None:

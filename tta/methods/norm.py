@@ -6,15 +6,19 @@ import dataclasses
 
 from tta.layers.base import AdaptiveNorm, SourceNormState
 from tta.layers.batch_stats import TestTimeBatchNorm
-from tta.methods.base import require_range
-from tta.methods.statistics import StatisticsMethod
+from tta.methods.base import hparam
+from tta.methods.statistics import StatisticsMethod, layers_hparam
 from tta.registry import register_method
 
 
 @dataclasses.dataclass
 class NormHparams:
     #: EMA weight m of the current batch; None normalizes with the batch statistics alone
-    momentum: float | None = None
+    momentum: float | None = hparam(None, low=0.0, high=1.0)
+    #: which BatchNorm layers use test statistics: "all" (BatchNorm1d too, as the mariodoebler
+    #: port's TENT/SAR configuration forces BatchNorm1d to batch statistics) or "spatial"
+    #: (BatchNorm2d/3d, as the official TENT and SAR code; BatchNorm1d keeps its source statistics)
+    layers: str = layers_hparam("all")
 
 
 @register_method
@@ -29,10 +33,6 @@ class Norm(StatisticsMethod):
 
     name = "norm"
     Hparams = NormHparams
-
-    def validate(self) -> None:
-        if self.hparams.momentum is not None:
-            require_range("momentum", self.hparams.momentum, 0.0, 1.0)
 
     def build_layer(self, name: str, source: SourceNormState) -> AdaptiveNorm:
         return TestTimeBatchNorm(source, momentum=self.hparams.momentum, num_streams=self.num_streams)

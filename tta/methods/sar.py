@@ -11,7 +11,7 @@ from torch import nn
 
 from tta.layers.base import AdaptiveNorm
 from tta.methods import entropy
-from tta.methods.base import OBJECTIVE, Method
+from tta.methods.base import OBJECTIVE, MasterOptimizer, Method, hparam
 from tta.registry import register_method
 from tta.surgery import find_norm_layers
 
@@ -31,24 +31,25 @@ _OFFICIAL_E_M = 0.2
 class SARHparams:
     #: learning rate of the base SGD; None: official rule for the model family and the batch
     #: size of the first batch (see :func:`sar_learning_rate`)
-    lr: float | None = None
+    lr: float | None = hparam(None, low=0.0, low_open=True)
     #: SAM radius rho (official 0.05)
-    rho: float = 0.05
+    rho: float = hparam(0.05, low=0.0)
     #: adaptive SAM (scale the perturbation by |theta|); official False
     adaptive: bool = False
     #: entropy threshold E_0 of the reliable-sample filter; None: 0.4 ln C (C = classes)
-    e0: float | None = None
+    e0: float | None = hparam(None, low=0.0, low_open=True)
     #: recovery threshold e_m on the moving average of the second loss (official 0.2)
     e_m: float = 0.2
     #: decay of that moving average (official 0.9: ema <- 0.9 ema + 0.1 loss)
-    ema_decay: float = 0.9
+    ema_decay: float = hparam(0.9, low=0.0, high=1.0, high_open=True)
     #: SGD momentum of the base optimizer (official 0.9, no Nesterov, no weight decay)
-    sgd_momentum: float = 0.9
+    sgd_momentum: float = hparam(0.9, low=0.0, high=1.0, high_open=True)
     #: regular expressions of module names whose affine parameters stay frozen (re.search);
     #: default: the official rules for ResNets (``layer4``) and ViT-Base (last 3 blocks, final norm)
     exclude: tuple[str, ...] = SAR_EXCLUDE_OFFICIAL
     #: reproduce the official code's quirks: recovery threshold hard-coded to 0.2 (``e_m`` is
-    #: ignored) and the loss average kept, not cleared, after a recovery
+    #: ignored), the loss average kept, not cleared, and the SGD momentum buffers kept, not
+    #: reset, after a recovery
     faithful: bool = False
     #: restore the wrap-time model and optimizer state before every batch
     episodic: bool = False
@@ -115,7 +116,11 @@ class SAR(Method):
     * the recovery threshold is hard-coded to 0.2 (the ``e_m`` argument is unused);
     * after a recovery the moving average is not cleared (the reset's ``ema = None`` is
       overwritten by the low value), so recoveries tend to repeat on consecutive batches.
-      The corrected behaviour clears it (as the mariodoebler port does).
+      The corrected behaviour clears it (as the mariodoebler port does);
+    * a recovery restores the optimizer through the SAM wrapper, which leaves the base SGD's
+      momentum buffers as they are (``ALGORITHMS.md`` §3): with ``faithful=True`` they
+      survive the recovery, by default they are reset with everything else, so that the state
+      after a recovery is exactly the wrap-time state.
 
     Composition: alone on a BatchNorm model SAR runs on ``norm`` (batch statistics, as the
     official code forces); ``"unmix_tns+sar"`` etc. run it on other statistics layers. SAR
@@ -148,29 +153,21 @@ class SAR(Method):
         super().__init__(num_streams, **hparams)
         self.params: list[nn.Parameter] = []
         self.param_names: list[str] = []
-        self.optimizer: torch.optim.SGD | None = None
+        self.optimizer: MasterOptimizer | None = None
         self.family = "resnet"
         self._lr_resolved = self.hparams.lr is not None
-        self._ema: torch.Tensor | None = None  # 0-d float32, valid where _ema_set
-        self._ema_set: torch.Tensor | None = None  # 0-d bool
+        # the moving average of the second loss, created here (moved to the model's device
+        # in convert) so that no state tensor appears during a step
+        self._ema = torch.zeros(())  # 0-d float32, valid where _ema_set
+        self._ema_set = torch.zeros((), dtype=torch.bool)
         self._recovery_state: dict[tuple[str, str], torch.Tensor] = {}
         self._recovery_optimizer: dict[str, Any] | None = None
         self.num_recoveries = 0
+        self.register_state("optimizer", "_lr_resolved", "_ema", "_ema_set", "num_recoveries")
 
     def validate(self) -> None:
-        hp = self.hparams
-        if hp.lr is not None and not hp.lr > 0:
-            raise ValueError(f"lr must be > 0, got {hp.lr}")
-        if hp.rho < 0:
-            raise ValueError(f"rho must be >= 0, got {hp.rho}")
-        if hp.e0 is not None and not hp.e0 > 0:
-            raise ValueError(f"e0 must be > 0, got {hp.e0}")
-        if not 0.0 <= hp.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must lie in [0, 1), got {hp.ema_decay}")
-        if not 0.0 <= hp.sgd_momentum < 1.0:
-            raise ValueError(f"sgd_momentum must lie in [0, 1), got {hp.sgd_momentum}")
-        if not all(isinstance(rule, str) for rule in hp.exclude):
-            raise ValueError(f"exclude must be a tuple of regular expressions, got {hp.exclude!r}")
+        if not all(isinstance(rule, str) for rule in self.hparams.exclude):
+            raise ValueError(f"exclude must be a tuple of regular expressions, got {self.hparams.exclude!r}")
 
     # -- setup ------------------------------------------------------------------------------
     def convert(self, model: nn.Module) -> nn.Module:
@@ -190,6 +187,9 @@ class SAR(Method):
         }
         self._recovery_state.update({("buffer", n): b.detach().clone() for n, b in model.named_buffers()})
         self._recovery_optimizer = entropy.optimizer_state(self.optimizer)
+        if self.params:
+            device = self.params[0].device
+            self._ema, self._ema_set = self._ema.to(device), self._ema_set.to(device)
         return model
 
     def e0_for(self, num_classes: int) -> float:
@@ -259,16 +259,13 @@ class SAR(Method):
         # model recovery. The one host synchronisation of the step: whether to reset is a
         # decision on the moving average (algorithmic; official code does the same with .item())
         threshold = _OFFICIAL_E_M if hp.faithful else hp.e_m
-        assert self._ema is not None and self._ema_set is not None
         if bool(self._ema_set & (self._ema < threshold)):
             self._recover(model)
         return out.detach()
 
     def _update_ema(self, loss: torch.Tensor, valid: torch.Tensor) -> None:
-        if self._ema is None or self._ema.device != loss.device:
-            ema = self._ema if self._ema is not None else torch.zeros(())
-            flag = self._ema_set if self._ema_set is not None else torch.zeros((), dtype=torch.bool)
-            self._ema, self._ema_set = ema.to(loss.device), flag.to(loss.device)
+        if self._ema.device != loss.device:
+            self._ema, self._ema_set = self._ema.to(loss.device), self._ema_set.to(loss.device)
         decay = self.hparams.ema_decay
         averaged = torch.where(self._ema_set, decay * self._ema + (1.0 - decay) * loss, loss)
         self._ema = torch.where(valid, averaged, self._ema)
@@ -280,31 +277,21 @@ class SAR(Method):
             for (kind, name), initial in self._recovery_state.items():
                 current = model.get_parameter(name) if kind == "param" else model.get_buffer(name)
                 current.copy_(initial)
-        lrs = [group["lr"] for group in self.optimizer.param_groups]  # type: ignore[union-attr]
-        entropy.load_optimizer_state(self.optimizer, self._recovery_optimizer)
-        for group, lr in zip(self.optimizer.param_groups, lrs):  # type: ignore[union-attr]
+        optimizer = self.optimizer
+        assert optimizer is not None
+        lrs = [group["lr"] for group in optimizer.param_groups]
+        # Official: the optimizer is restored through the SAM wrapper's load_state_dict, which
+        # restores the wrapper's own state and not the wrapped SGD's, so the momentum buffers
+        # survive the recovery (mr-eggplant/SAR sar.py reset, sam.py load_state_dict).
+        kept = {master: dict(state) for master, state in optimizer.state.items()} if self.hparams.faithful else {}
+        entropy.load_optimizer_state(optimizer, self._recovery_optimizer)
+        for group, lr in zip(optimizer.param_groups, lrs):
             group["lr"] = lr
+        for master, state in kept.items():
+            optimizer.state[master] = state
         for layer in model.modules():
             if isinstance(layer, AdaptiveNorm):
                 layer.discard()  # drop this step's staged statistics update too
         if not self.hparams.faithful:
-            self._ema_set = torch.zeros_like(self._ema_set)  # type: ignore[arg-type]
+            self._ema_set = torch.zeros_like(self._ema_set)
         self.num_recoveries += 1
-
-    # -- state ------------------------------------------------------------------------------
-    def extra_state(self) -> dict[str, Any]:
-        return {
-            "optimizer": entropy.optimizer_state(self.optimizer),
-            "lr_resolved": self._lr_resolved,
-            "ema": None if self._ema is None else self._ema.detach().clone(),
-            "ema_set": None if self._ema_set is None else self._ema_set.detach().clone(),
-            "num_recoveries": self.num_recoveries,
-        }
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        entropy.load_optimizer_state(self.optimizer, state.get("optimizer"))
-        self._lr_resolved = bool(state.get("lr_resolved", self.hparams.lr is not None))
-        ema, flag = state.get("ema"), state.get("ema_set")
-        self._ema = None if ema is None else ema.clone()
-        self._ema_set = None if flag is None else flag.clone()
-        self.num_recoveries = int(state.get("num_recoveries", 0))

@@ -9,26 +9,26 @@ import torch
 from torch import nn
 
 from tta.methods import entropy
-from tta.methods.base import OBJECTIVE, Method
+from tta.methods.base import OBJECTIVE, MasterOptimizer, Method, hparam
 from tta.registry import register_method
 
 
 @dataclasses.dataclass
 class TentHparams:
     #: optimizer: "adam" (official CIFAR config) or "sgd" (official ImageNet setting)
-    optimizer: str = "adam"
+    optimizer: str = hparam("adam", choices=("adam", "sgd"))
     #: learning rate (official: Adam 1e-3 for CIFAR-10-C; SGD 2.5e-4 for ImageNet-C, batch 64)
-    lr: float = 1e-3
+    lr: float = hparam(1e-3, low=0.0, low_open=True)
     #: Adam beta_1 (beta_2 is 0.999), official 0.9
-    beta: float = 0.9
+    beta: float = hparam(0.9, low=0.0, high=1.0, high_open=True)
     #: SGD momentum (official 0.9; SGD only)
-    sgd_momentum: float = 0.9
+    sgd_momentum: float = hparam(0.9, low=0.0, high=1.0, high_open=True)
     #: Nesterov momentum for SGD (official config default True; SGD only)
     nesterov: bool = True
     #: weight decay (official 0)
-    weight_decay: float = 0.0
+    weight_decay: float = hparam(0.0, low=0.0)
     #: gradient steps per batch (official 1)
-    steps: int = 1
+    steps: int = hparam(1, low=1)
     #: restore the wrap-time model and optimizer state before every batch
     episodic: bool = False
 
@@ -70,21 +70,8 @@ class Tent(Method):
         super().__init__(num_streams, **hparams)
         self.params: list[nn.Parameter] = []
         self.param_names: list[str] = []
-        self.optimizer: torch.optim.Optimizer | None = None
-
-    def validate(self) -> None:
-        hp = self.hparams
-        if hp.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {hp.optimizer!r}")
-        if not hp.lr > 0:
-            raise ValueError(f"lr must be > 0, got {hp.lr}")
-        if int(hp.steps) != hp.steps or hp.steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {hp.steps}")
-        for name in ("beta", "sgd_momentum"):
-            if not 0.0 <= getattr(hp, name) < 1.0:
-                raise ValueError(f"{name} must lie in [0, 1), got {getattr(hp, name)}")
-        if hp.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {hp.weight_decay}")
+        self.optimizer: MasterOptimizer | None = None
+        self.register_state("optimizer")
 
     def convert(self, model: nn.Module) -> nn.Module:
         named = entropy.norm_parameters(model)
@@ -110,9 +97,3 @@ class Tent(Method):
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
         return out.detach()  # type: ignore[union-attr]
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"optimizer": entropy.optimizer_state(self.optimizer)}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        entropy.load_optimizer_state(self.optimizer, state.get("optimizer"))
