@@ -10,6 +10,11 @@ into ``--out`` (default: ``<dir>/report`` for one directory, ``./report`` for se
 * ``summary.csv``: the same numbers, one row per (method, setting);
 * ``error_over_stream.png`` and ``domain_errors.png``.
 
+Runs are put side by side only when their protocol fingerprints agree on everything but
+the swept keys (method, seeds, the config keys their overrides vary, and ``--swept``);
+otherwise each protocol group gets its own tables (files ``*_group<k>.png``) headed by what
+differs (:mod:`benchmarks.app.compare`).
+
 The markdown is also printed. An empty directory, or one holding no tta-bench runs, is an
 error (exit status 2) that says what was found instead.
 """
@@ -23,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks.app.aggregate import build_table, markdown, summary_csv
+from benchmarks.app.compare import group_runs
 from benchmarks.app.records import RECORD_NAME, scan_runs
 from benchmarks.evaluation.writers import atomic_write_text
 
@@ -37,8 +43,14 @@ def default_out_dir(dirs: Sequence[Path]) -> Path:
     return dirs[0] / "report" if len(dirs) == 1 else Path("report")
 
 
-def make_report(dirs: Sequence[str | Path], out: str | Path | None = None, *, plots: bool = True) -> dict[str, Path]:
-    """Write the report files for the runs under ``dirs``; returns their paths by kind."""
+def make_report(
+    dirs: Sequence[str | Path], out: str | Path | None = None, *, plots: bool = True, swept: Sequence[str] = ()
+) -> dict[str, Path]:
+    """Write the report files for the runs under ``dirs``; returns their paths by kind.
+
+    Runs share a table only when their protocols agree except for the swept keys
+    (:mod:`benchmarks.app.compare`); ``swept`` names more of them.
+    """
     paths = [Path(d) for d in dirs]
     if not paths:
         raise ReportError("no directories given")
@@ -69,19 +81,33 @@ def make_report(dirs: Sequence[str | Path], out: str | Path | None = None, *, pl
         notes.append(f"{len(scan.unfinished)} started run(s) without {RECORD_NAME} (interrupted or running) are not included.")
     if scan.foreign:
         notes.append(f"{len(scan.foreign)} foreign {RECORD_NAME} file(s) ignored.")
-    table = build_table(scan.finished)
+    comparison = group_runs(scan.finished, swept)
+    groups = comparison.groups
+    if len(groups) > 1:
+        notes.append(
+            f"the runs fall into {len(groups)} protocol groups that differ in keys nobody swept "
+            f"({', '.join(comparison.differing_keys) or 'a missing protocol block'}); each group gets its own "
+            "tables, so numbers of different protocols are never side by side. If a difference is intended, "
+            "name it with --swept KEY (a config key such as model, or a protocol key such as model.weights_sha256)."
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
-    plot_files: dict[str, str] = {}
-    if plots:
-        from benchmarks.app.plots import domain_bars, error_over_stream
+    sections, tables = [], []
+    for number, group in enumerate(groups, start=1):
+        table = build_table(group.records)
+        tables.append(table)
+        suffix = "" if len(groups) == 1 else f"_group{number}"
+        plot_files: dict[str, str] = {}
+        if plots:
+            from benchmarks.app.plots import domain_bars, error_over_stream
 
-        written["error_over_stream"] = error_over_stream(table, out_dir / "error_over_stream.png")
-        written["domain_errors"] = domain_bars(table, out_dir / "domain_errors.png")
-        plot_files = {"error over the stream": "error_over_stream.png", "per-domain error": "domain_errors.png"}
-    text = markdown(table, sources=[str(p) for p in paths], notes=notes, plots=plot_files)
-    written["csv"] = atomic_write_text(out_dir / "summary.csv", summary_csv(table))
-    written["markdown"] = atomic_write_text(out_dir / "report.md", text)
+            written[f"error_over_stream{suffix}"] = error_over_stream(table, out_dir / f"error_over_stream{suffix}.png")
+            written[f"domain_errors{suffix}"] = domain_bars(table, out_dir / f"domain_errors{suffix}.png")
+            plot_files = {"error over the stream": f"error_over_stream{suffix}.png", "per-domain error": f"domain_errors{suffix}.png"}
+        title = "# tta-bench report" if len(groups) == 1 else f"# Protocol group {number} of {len(groups)}: {group.describe()}"
+        sections.append(markdown(table, sources=[str(p) for p in paths], notes=notes if number == 1 else None, plots=plot_files, title=title))
+    written["csv"] = atomic_write_text(out_dir / "summary.csv", summary_csv(tables))
+    written["markdown"] = atomic_write_text(out_dir / "report.md", "\n".join(sections))
     return written
 
 
@@ -91,9 +117,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", help="output folder (default: <dir>/report, or ./report for several dirs)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--quiet", action="store_true", help="do not print the markdown")
+    parser.add_argument(
+        "--swept", nargs="*", default=[], metavar="KEY",
+        help="more keys the runs may differ in and still share a table (config keys such as model, "
+        "or protocol keys such as software.git_commit); method and seeds always may",
+    )
     args = parser.parse_args(argv)
     try:
-        files = make_report(args.dirs, args.out, plots=not args.no_plots)
+        files = make_report(args.dirs, args.out, plots=not args.no_plots, swept=args.swept)
     except ReportError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -10,7 +10,9 @@ times). This script writes the same layout from any source of 32x32 images, usin
 
 Severity subsets: every file always has five severity blocks; blocks not generated stay
 zero. ``generation.json`` beside the files lists, per corruption, the severities actually
-generated (``load_cifar_c`` refuses the others), with the source, seed and image count.
+generated (``load_cifar_c`` refuses the others), with the source, seed and image count, the
+generator's version (a sha256 of the ``benchmarks.corruptions`` source) and the sha256 of
+every file, which ``load_cifar_c`` verifies before reading.
 Re-running with other corruptions or severities into the same folder fills the missing
 blocks, provided source, order, image count and seed are the same.
 
@@ -43,7 +45,9 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 
 from benchmarks.corruptions import CORRUPTIONS, SEVERITIES, corrupt, to_uint8  # noqa: E402
 from benchmarks.data import ImageArrays, cifar10_jpeg, load_cifar, load_digits  # noqa: E402
-from benchmarks.data.corrupted import CIFAR_C_DIRS, GENERATION_SIDECAR, N_SEVERITIES  # noqa: E402
+from benchmarks.data.corrupted import CIFAR_C_DIRS, GENERATION_SIDECAR, N_SEVERITIES, file_digest  # noqa: E402
+from benchmarks.evaluation.writers import atomic_write_text  # noqa: E402
+from benchmarks.protocol import code_sha256  # noqa: E402
 
 SOURCES = ("cifar10-jpeg", "cifar10", "cifar100", "digits")
 
@@ -96,6 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _sidecar_base(args: argparse.Namespace, n: int) -> dict:
     return {
         "generator": "benchmarks.corruptions (batched torch reimplementation)",
+        "generator_version": "code-sha256:" + code_sha256("benchmarks.corruptions"),
         "reference": "Hendrycks & Dietterich, ICLR 2019; hendrycks/robustness make_cifar_c.py",
         "source": args.source,
         "order": args.order,
@@ -126,14 +131,21 @@ def generate(args: argparse.Namespace) -> Path:
     sidecar = _sidecar_base(args, n)
     if sidecar_path.is_file():
         previous = json.loads(sidecar_path.read_text())
-        if any(previous.get(k) != sidecar[k] for k in ("source", "order", "n_per_severity", "seed")):
-            raise SystemExit(f"{folder} holds a set generated with other settings ({sidecar_path}); use another --out")
+        keys = ("source", "order", "n_per_severity", "seed") + (("generator_version",) if "generator_version" in previous else ())
+        if any(previous.get(k) != sidecar[k] for k in keys):
+            raise SystemExit(
+                f"{folder} holds a set generated with other settings or another generator version ({sidecar_path}); "
+                "use another --out"
+            )
         sidecar["severities"] = previous.get("severities", {})
+        sidecar["files"] = previous.get("files", {})
     else:
         sidecar["severities"] = {}
+        sidecar["files"] = {}
 
     label_dtype = np.uint8 if source.num_classes <= 256 else np.int64
     np.save(folder / "labels.npy", np.tile(source.labels, N_SEVERITIES).astype(label_dtype))
+    sidecar["files"]["labels.npy"] = file_digest(folder / "labels.npy")
 
     from tqdm import tqdm
 
@@ -164,11 +176,13 @@ def generate(args: argparse.Namespace) -> Path:
             array.flush()
             del array
             os.replace(temporary, path)
+            # The loaders verify every file against this digest (benchmarks.data.corrupted.verify_files).
+            sidecar["files"][path.name] = file_digest(path)
             sidecar["severities"][name] = sorted(done | set(severities))
             sidecar["complete"] = all(
                 sidecar["severities"].get(c) == list(SEVERITIES) for c in CORRUPTIONS
             )
-            sidecar_path.write_text(json.dumps(sidecar, indent=2) + "\n")
+            atomic_write_text(sidecar_path, json.dumps(sidecar, indent=2) + "\n")
     return folder
 
 

@@ -152,9 +152,16 @@ def _md_row(cells: list[str]) -> str:
     return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
 
-def markdown(table: Table, *, sources: list[str], notes: list[str] | None = None, plots: dict[str, str] | None = None) -> str:
+def markdown(
+    table: Table,
+    *,
+    sources: list[str],
+    notes: list[str] | None = None,
+    plots: dict[str, str] | None = None,
+    title: str = "# tta-bench report",
+) -> str:
     """The report as markdown: the methods x settings table, then per-domain tables."""
-    lines = ["# tta-bench report", ""]
+    lines = [title, ""]
     n_seeds = sorted({len(c.records) for c in table.cells.values()})
     lines.append(
         f"{_count(table.num_runs, 'finished run')}: {_count(len(table.methods), 'method')} x "
@@ -204,25 +211,31 @@ def markdown(table: Table, *, sources: list[str], notes: list[str] | None = None
     return "\n".join(lines) + "\n"
 
 
-def summary_csv(table: Table) -> str:
-    """One row per (method, setting): mean error, replicates, per-domain errors."""
+def summary_csv(tables: Table | list[Table]) -> str:
+    """One row per (method, setting): mean error, replicates, per-domain errors. With several
+    tables (protocol groups), a ``protocol_group`` column numbers them from 1."""
+    tables = [tables] if isinstance(tables, Table) else list(tables)
     domains: list[str] = []
-    for cell in table.cells.values():
-        domains += [d for d in cell.domain_errors() if d not in domains]
-    setting_keys = sorted({k for s in table.setting_values.values() for k in s})
+    for table in tables:
+        for cell in table.cells.values():
+            domains += [d for d in cell.domain_errors() if d not in domains]
+    setting_keys = sorted({k for t in tables for s in t.setting_values.values() for k in s})
+    group_column = ["protocol_group"] if len(tables) > 1 else []
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["method", "setting", *setting_keys, "n_runs", "mean_error", "std_error", *[f"error_{d}" for d in domains]])
-    for method in table.methods:
-        for setting in table.settings:
-            cell = table.cell(method, setting)
-            if not cell:
-                continue
-            values = table.setting_values[setting]
-            errors = cell.domain_errors()
-            writer.writerow(
-                [method, table.setting_labels[setting], *["" if values.get(k) is None else values.get(k) for k in setting_keys],
-                 len(cell.records), cell.mean, "" if not math.isfinite(cell.std) else cell.std,
-                 *[errors.get(d, "") for d in domains]]
-            )
+    writer.writerow([*group_column, "method", "setting", *setting_keys, "n_runs", "mean_error", "std_error", *[f"error_{d}" for d in domains]])
+    for number, table in enumerate(tables, start=1):
+        for method in table.methods:
+            for setting in table.settings:
+                cell = table.cell(method, setting)
+                if not cell:
+                    continue
+                values = table.setting_values[setting]
+                errors = cell.domain_errors()
+                writer.writerow(
+                    [*([number] if group_column else []), method, table.setting_labels[setting],
+                     *["" if values.get(k) is None else values.get(k) for k in setting_keys],
+                     len(cell.records), cell.mean, "" if not math.isfinite(cell.std) else cell.std,
+                     *[errors.get(d, "") for d in domains]]
+                )
     return buffer.getvalue()

@@ -11,6 +11,7 @@ Spec ``ALGORITHMS.md`` §9.1.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -52,12 +53,19 @@ def load_cifar_c(
     severity: int,
     n_examples: int | None = None,
     dataset: str = "cifar10",
+    checksums: str | Path | dict[str, str] | None = None,
 ) -> ImageArrays:
     """One corruption and severity of CIFAR-10-C / CIFAR-100-C, as RobustBench slices it.
 
     Returns the first ``n_examples`` images (all ``N`` by default) of that severity's block,
     in file order, with their labels. The ``.npy`` files are memory-mapped, so only the
     requested rows are read.
+
+    Checksums (:func:`verify_files`): files written by ``scripts/make_cifar_c.py`` are checked
+    against the sha256 recorded in its ``generation.json``; official files against the
+    checksums a user gives, as ``checksums`` (a ``{file name: hex digest}`` dict or a file in
+    ``sha256sum``/``md5sum`` format) or as a :data:`CHECKSUM_FILE` in the folder. A mismatch
+    raises ``ValueError``.
     """
     _check_severity(severity)
     folder = cifar_c_dir(root, dataset)
@@ -66,6 +74,7 @@ def load_cifar_c(
         available = sorted(p.stem for p in folder.glob("*.npy") if p.stem != "labels")
         raise FileNotFoundError(f"{path} not found; corruptions in {folder}: {', '.join(available) or 'none'}")
     _check_generated(folder, corruption, severity)
+    verify_files(folder, [path.name, "labels.npy"], checksums)
     data = np.load(path, mmap_mode="r")
     labels = np.load(folder / "labels.npy", mmap_mode="r")
     if data.ndim != 4 or data.shape[-1] != 3 or data.shape[0] % N_SEVERITIES:
@@ -89,6 +98,74 @@ def _check_generated(folder: Path, corruption: str, severity: int) -> None:
     filled = json.loads(sidecar.read_text()).get("severities", {}).get(corruption)
     if filled is not None and severity not in filled:
         raise ValueError(f"{corruption} severity {severity} was not generated in {folder} (only {filled})")
+
+
+#: A user's checksums of official files in a CIFAR-C folder (``sha256sum`` or ``md5sum`` format).
+CHECKSUM_FILE = "SHA256SUMS"
+
+#: Files already verified in this process: (path, size, mtime) -> digest.
+_VERIFIED: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file (``algorithm``: ``sha256`` or ``md5``), read in 1 MiB chunks."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_checksums(source: str | Path | dict[str, str]) -> dict[str, str]:
+    """``{file name: hex digest}`` from a dict or a ``sha256sum``/``md5sum``-style file."""
+    if isinstance(source, dict):
+        return {Path(k).name: str(v).lower() for k, v in source.items()}
+    out = {}
+    for number, line in enumerate(Path(source).read_text(encoding="utf-8").splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 2 or len(parts[0]) not in (32, 64):
+            raise ValueError(f"{source}:{number}: expected '<md5 or sha256 hex>  <file name>', got {line!r}")
+        out[Path(parts[1].lstrip("*")).name] = parts[0].lower()
+    return out
+
+
+def expected_checksums(folder: Path, checksums: str | Path | dict[str, str] | None = None) -> tuple[dict[str, str], str]:
+    """The checksums to verify a folder's files against, and where they come from."""
+    if checksums is not None:
+        return read_checksums(checksums), str(checksums) if not isinstance(checksums, dict) else "the given checksums"
+    sidecar = folder / GENERATION_SIDECAR
+    if sidecar.is_file():
+        recorded = json.loads(sidecar.read_text()).get("files")
+        if recorded:
+            return dict(recorded), str(sidecar)
+    user = folder / CHECKSUM_FILE
+    if user.is_file():
+        return read_checksums(user), str(user)
+    return {}, ""
+
+
+def verify_files(folder: Path, names: list[str], checksums: str | Path | dict[str, str] | None = None) -> None:
+    """Raise ``ValueError`` when a file's digest differs from the expected one (files without
+    an expected digest pass; each file is hashed once per process while it is unchanged)."""
+    expected, origin = expected_checksums(folder, checksums)
+    for name in names:
+        want = expected.get(name)
+        if want is None:
+            continue
+        path = folder / name
+        stat = path.stat()
+        algorithm = "md5" if len(want) == 32 else "sha256"
+        key = (f"{path.resolve()}:{algorithm}", stat.st_size, stat.st_mtime_ns)
+        if key not in _VERIFIED:
+            _VERIFIED[key] = file_digest(path, algorithm)
+        if _VERIFIED[key] != want:
+            raise ValueError(
+                f"{path}: {algorithm} {_VERIFIED[key]} differs from {want} recorded in {origin}; the file is "
+                "corrupt or was changed (download or generate it again)"
+            )
 
 
 def load_imagenet_c(

@@ -47,6 +47,11 @@ def test_generated_subset_is_read_back(make_cifar_c, tmp_path: Path) -> None:
     np.testing.assert_array_equal(labels, np.tile(source.labels, 5))
     sidecar = json.loads((folder / "generation.json").read_text())
     assert sidecar["severities"] == {"fog": [2, 4], "contrast": [2, 4]} and not sidecar["complete"]
+    import hashlib
+
+    for name in ("fog.npy", "contrast.npy", "labels.npy"):  # checksums the loaders verify
+        assert sidecar["files"][name] == hashlib.sha256((folder / name).read_bytes()).hexdigest()
+    assert sidecar["generator_version"].startswith("code-sha256:")
 
     loaded = load_cifar_c(tmp_path, "fog", 4)
     expected = to_uint8(corrupt(source.to_tensor(), "fog", 4, seed=3)).permute(0, 2, 3, 1).numpy()
@@ -59,7 +64,10 @@ def test_generated_subset_is_read_back(make_cifar_c, tmp_path: Path) -> None:
     refilled = np.load(folder / "fog.npy")
     np.testing.assert_array_equal(refilled[10:], fog[10:])
     assert refilled[:10].any()
-    assert json.loads((folder / "generation.json").read_text())["severities"]["fog"] == [1, 2, 4]
+    refilled_sidecar = json.loads((folder / "generation.json").read_text())
+    assert refilled_sidecar["severities"]["fog"] == [1, 2, 4]
+    assert refilled_sidecar["files"]["contrast.npy"] == sidecar["files"]["contrast.npy"]
+    assert refilled_sidecar["files"]["fog.npy"] != sidecar["files"]["fog.npy"]
     with pytest.raises(SystemExit):  # other settings must not be mixed into the same set
         make_cifar_c.main(["--source", "digits", "--out", str(tmp_path), "--n-examples", "5", "--corruptions", "fog"])
     with pytest.raises(SystemExit):

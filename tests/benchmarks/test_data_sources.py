@@ -232,3 +232,34 @@ def test_imagenet_c_layout(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="ImageNet-C"):
         load_imagenet_c(tmp_path, "snow", 3)
     assert os.environ["TTA_CACHE_DIR"].endswith("cache")
+
+
+def test_cifar_c_files_are_verified_against_recorded_and_user_checksums(tmp_path: Path) -> None:
+    import hashlib
+
+    from benchmarks.data.corrupted import CHECKSUM_FILE
+
+    _write_cifar_c(tmp_path, "CIFAR-10-C", 3, ("fog", "snow"))
+    folder = tmp_path / "CIFAR-10-C"
+    sha = {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in ("fog.npy", "snow.npy", "labels.npy")}
+    (folder / "generation.json").write_text(json.dumps({"severities": {"fog": [1, 2, 3, 4, 5]}, "files": sha}))
+    assert len(load_cifar_c(tmp_path, "fog", 2)) == 3
+    data = np.load(folder / "fog.npy")
+    data[0, 0, 0, 0] ^= 1  # one flipped bit after generation
+    np.save(folder / "fog.npy", data)
+    with pytest.raises(ValueError, match=r"fog.npy: sha256 [0-9a-f]{64} differs from .* recorded in .*generation.json"):
+        load_cifar_c(tmp_path, "fog", 2)
+
+    # official files: the checksums a user gives, as a sha256sum/md5sum file or a dict
+    (folder / "generation.json").unlink()
+    assert len(load_cifar_c(tmp_path, "fog", 2)) == 3  # nothing to verify against
+    md5 = hashlib.md5((folder / "snow.npy").read_bytes()).hexdigest()
+    (folder / CHECKSUM_FILE).write_text(f"{sha['fog.npy']}  fog.npy\n{md5}  *snow.npy\n")
+    assert len(load_cifar_c(tmp_path, "snow", 1)) == 3
+    with pytest.raises(ValueError, match="differs from .*SHA256SUMS"):
+        load_cifar_c(tmp_path, "fog", 1)
+    with pytest.raises(ValueError, match="the given checksums"):
+        load_cifar_c(tmp_path, "snow", 1, checksums={"snow.npy": "0" * 64})
+    (folder / CHECKSUM_FILE).write_text("not a checksum line\n")
+    with pytest.raises(ValueError, match="expected '<md5 or sha256 hex>  <file name>'"):
+        load_cifar_c(tmp_path, "snow", 1)

@@ -187,23 +187,28 @@ def _start(out: Path, env: dict[str, str]) -> subprocess.Popen:
     )
 
 
-def _inodes(pattern: Path) -> set[int]:
+def _versions(pattern: Path) -> set[tuple[int, int]]:
+    """(inode, change time) of the files matching ``pattern``: a new pair per atomic write
+    (inode numbers alone are reused by the file system)."""
     found = set()
-    for path in pattern.parent.glob(pattern.name):
+    for path in Path(pattern.anchor).glob(str(pattern.relative_to(pattern.anchor))):
         try:
-            found.add(path.stat().st_ino)
+            stat = path.stat()
         except FileNotFoundError:  # replaced between glob and stat
-            pass
+            continue
+        found.add((stat.st_ino, stat.st_ctime_ns))
     return found
 
 
-def _kill_after_writes(process: subprocess.Popen, pattern: Path, writes: int, before: set[int], rng: random.Random) -> bool:
-    """SIGKILL ``process`` a random moment after it wrote ``writes`` new checkpoints (each
-    write replaces the file, so it gets a new inode); False if it finished first."""
-    seen: set[int] = set()
+def _kill_after_writes(
+    process: subprocess.Popen, pattern: Path, writes: int, before: set[tuple[int, int]], rng: random.Random
+) -> bool:
+    """SIGKILL ``process`` a random moment after it wrote ``writes`` new checkpoints; False
+    if it finished first."""
+    seen: set[tuple[int, int]] = set()
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
-        seen |= _inodes(pattern) - before
+        seen |= _versions(pattern) - before
         if len(seen) >= writes:
             time.sleep(rng.uniform(0.0, 0.03))  # anywhere: mid-batch or mid-write
             process.send_signal(signal.SIGKILL)
@@ -229,7 +234,7 @@ def test_sigkill_at_random_batches_then_restart_gives_identical_result_files(tmp
     rng = random.Random(int(os.environ.get("TTA_RESUME_TEST_SEED", time.time_ns() % 2**32)))
     pattern = out / "resume" / "*" / "checkpoint.pt"
     for _ in range(2):  # two kills, each after 1-12 new checkpoints of the 40 batches
-        before = _inodes(pattern)
+        before = _versions(pattern)
         assert _kill_after_writes(_start(out, env), pattern, rng.randint(1, 12), before, rng), "finished before the kill"
     assert not list((out / "resume").glob("*/run.json"))
     final = _start(out, env)
