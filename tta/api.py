@@ -11,6 +11,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from tta.input_check import InputCheck, make_input_check
 from tta.layers.base import AdaptiveNorm, commit_layers
 from tta.methods.base import DEFAULT_SEED, Method
 from tta.registry import available_methods, build_method
@@ -95,6 +96,8 @@ class Adapted(nn.Module):
         self.input_ndim = input_ndim
         self.method_name: str = method.name
         self.auto_reason: str | None = None
+        #: optional warn-once check of the input scaling (``tta.adapt(..., input_check=...)``)
+        self.input_check: InputCheck | None = None
         self._lock = threading.RLock()
         self._adapting = True
         self._initial_model_state = copy.deepcopy(self.model.state_dict())
@@ -105,6 +108,8 @@ class Adapted(nn.Module):
         check_batch(
             x, input_ndim=self.input_ndim, dtype=model_dtype(self.model), num_streams=self.num_streams
         )
+        if self.input_check is not None:
+            self.input_check(x)
         with self._lock, _step_mode():
             if x.is_inference():  # served under torch.inference_mode(): a normal copy to adapt on
                 x = x.clone()
@@ -209,6 +214,7 @@ def adapt(
     num_streams: int = 1,
     input_ndim: int | None | str = _INFER,
     seed: int = DEFAULT_SEED,
+    input_check: str | None = None,
     **hparams: Any,
 ) -> Adapted:
     """Wrap ``model`` so that every call adapts it online.
@@ -227,6 +233,10 @@ def adapt(
         seed: seeds the wrapper's own random generator, from which methods draw any random
             state (UnMix-TNS's initial components): two wraps of one model with the same
             seed agree, and the global torch RNG is neither used nor advanced.
+        input_check: ``"unit"`` (the model takes images in [0, 1] and normalizes them itself)
+            or ``"normalized"`` (it takes mean/std-normalized inputs): warn once when the first
+            batches look scaled otherwise, e.g. 0-255 pixels (:mod:`tta.input_check`). Off by
+            default.
         **hparams: the method's hyperparameters (``<method>__<name>`` where a composition has
             the same name twice).
 
@@ -247,6 +257,7 @@ def adapt(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(num_streams, int) or num_streams < 1:
         raise ValueError(f"num_streams must be a positive integer, got {num_streams!r}")
+    check = make_input_check(input_check)
     reason = None
     if method == "auto":
         method, reason = choose_method(model)
@@ -259,4 +270,5 @@ def adapt(
     target = built.convert(target)
     adapted = Adapted(target, built, num_streams=num_streams, input_ndim=input_ndim)  # type: ignore[arg-type]
     adapted.auto_reason = reason
+    adapted.input_check = check
     return adapted.eval()
