@@ -28,8 +28,11 @@ DEFAULT_METHODS: dict[str, dict[str, Any]] = {
     "tent": {},
     "sar": {},
     "lame": {},
+    "rbn": {},
+    "balanced_bn": {},
+    "rotta": {},
 }
-STATISTICS_METHODS = ("norm", "alpha_bn", "unmix_tns")
+STATISTICS_METHODS = ("norm", "alpha_bn", "unmix_tns", "rbn", "balanced_bn")
 PLAIN = "plain"
 
 

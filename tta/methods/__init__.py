@@ -4,3 +4,5 @@ from tta.methods import alpha_bn, norm, source, unmix_tns  # noqa: F401
 from tta.methods import bcn, lame, sar, tent  # noqa: F401
 from tta.methods import rbn  # noqa: F401
 from tta.methods import balanced_bn  # noqa: F401
+from tta.methods import rotta  # noqa: F401
+from tta.methods import tribe  # noqa: F401

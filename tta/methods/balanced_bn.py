@@ -12,8 +12,8 @@ from torch import nn
 from tta.features import find_classifier
 from tta.layers.balanced_bn import BalancedBatchNorm
 from tta.layers.base import AdaptiveNorm, SourceNormState
-from tta.methods.base import require_range
-from tta.methods.statistics import StatisticsMethod
+from tta.methods.base import hparam
+from tta.methods.statistics import StatisticsMethod, layers_hparam
 from tta.registry import register_method
 
 
@@ -21,12 +21,15 @@ from tta.registry import register_method
 class BalancedBNHparams:
     #: eta, step size of the per-class statistics (official CIFAR-10 config 0.01; the
     #: authors' rule is about max(0.0005 K, 0.01): 0.05 for CIFAR-100, 0.5 for ImageNet)
-    eta: float = 0.01
+    eta: float = hparam(0.01, low=0.0, low_open=True, high=1.0)
     #: gamma, share of the update shared by all classes (official CIFAR-10 0.0, CIFAR-100
     #: 0.1, ImageNet 0.5)
-    gamma: float = 0.0
+    gamma: float = hparam(0.0, low=0.0, high=1.0)
     #: K, number of classes; None reads it from the model's classifier (last Linear layer)
-    num_classes: int | None = None
+    num_classes: int | None = hparam(None, low=2)
+    #: which BatchNorm layers adapt: "all" (official: BalancedRobustBN1dV5 replaces
+    #: BatchNorm1d too) or "spatial" (BatchNorm1d keeps its source statistics)
+    layers: str = layers_hparam("all")
 
 
 def infer_num_classes(model: nn.Module, method: str) -> int:
@@ -78,14 +81,6 @@ class BalancedBN(StatisticsMethod):
 
     name = "balanced_bn"
     Hparams = BalancedBNHparams
-
-    def validate(self) -> None:
-        hp = self.hparams
-        if not 0.0 < hp.eta <= 1.0:
-            raise ValueError(f"eta must lie in (0, 1], got {hp.eta}")
-        require_range("gamma", hp.gamma, 0.0, 1.0)
-        if hp.num_classes is not None and (int(hp.num_classes) != hp.num_classes or hp.num_classes < 2):
-            raise ValueError(f"num_classes must be an integer >= 2, got {hp.num_classes}")
 
     def convert(self, model: nn.Module) -> nn.Module:
         self._num_classes = self.hparams.num_classes or infer_num_classes(model, self.name)

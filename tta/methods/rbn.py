@@ -6,15 +6,18 @@ import dataclasses
 
 from tta.layers.base import AdaptiveNorm, SourceNormState
 from tta.layers.robust_bn import RobustBatchNorm
-from tta.methods.base import require_range
-from tta.methods.statistics import StatisticsMethod
+from tta.methods.base import hparam
+from tta.methods.statistics import StatisticsMethod, layers_hparam
 from tta.registry import register_method
 
 
 @dataclasses.dataclass
 class RBNHparams:
     #: alpha, weight of the current batch in the global moving average (official 0.05)
-    alpha: float = 0.05
+    alpha: float = hparam(0.05, low=0.0, high=1.0)
+    #: which BatchNorm layers adapt: "all" (official: RobustBN1d replaces BatchNorm1d too) or
+    #: "spatial" (BatchNorm1d keeps its source statistics)
+    layers: str = layers_hparam("all")
 
 
 @register_method
@@ -30,9 +33,6 @@ class RBN(StatisticsMethod):
 
     name = "rbn"
     Hparams = RBNHparams
-
-    def validate(self) -> None:
-        require_range("alpha", self.hparams.alpha, 0.0, 1.0)
 
     def build_layer(self, name: str, source: SourceNormState) -> AdaptiveNorm:
         return RobustBatchNorm(source, alpha=self.hparams.alpha, num_streams=self.num_streams)
