@@ -178,10 +178,11 @@ def run(cfg: DictConfig | RunSpec) -> dict[str, Any]:
     tick = time.perf_counter()
     model = build_model(spec.model, num_classes=spec.num_classes, device=device, progress=progress)
     _check_output_classes(model, int(spec.model.num_classes or spec.num_classes), spec.image_size, device)
-    torch.manual_seed(spec.seed)  # methods that draw random state at wrap time (UnMix-TNS)
+    torch.manual_seed(spec.seed)  # any code that still draws from the global RNG
     logger.info("run %s-%s: %s on %s (%s)", safe_name(method), key, method_label(method, hparams), model_label(spec.model), out_dir)
     streams = build_domain_streams(stream_cfg) if spec.eval.multi_stream else [build_stream(stream_cfg)]
-    adapted = tta.adapt(model, method, num_streams=streams_n, **hparams)
+    # seed: the wrapper's generator, from which methods draw random state (UnMix-TNS)
+    adapted = tta.adapt(model, method, num_streams=streams_n, seed=spec.seed, **hparams)
     protocol = build_protocol(spec, model, adapted.method, streams)
     fingerprint = protocol.fingerprint()
     checkpoint = None
