@@ -189,6 +189,28 @@ class Protocol:
         return fingerprint_of(self.to_dict())
 
 
+@dataclass(frozen=True)
+class PerfProtocol:
+    """The protocol of a ``benchmarks.perf`` run: speed and memory, not accuracy, on
+    seeded random weights and inputs, so models and data are described by how they are made."""
+
+    models: Mapping[str, Mapping[str, Any]]
+    inputs: Mapping[str, Any]
+    methods: Mapping[str, MethodProtocol]
+    batch_sizes: tuple[int, ...]
+    metric: Mapping[str, Any]
+    software: tuple[SoftwareProtocol, ...]
+    kind: str = "benchmarks.perf"
+    schema: str = PROTOCOL_SCHEMA
+    version: int = PROTOCOL_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return canonical(dataclasses.asdict(self))
+
+    def fingerprint(self) -> str:
+        return fingerprint_of(self.to_dict())
+
+
 # -- canonical form, fingerprint and comparison ------------------------------------------------
 def canonical(value: Any) -> Any:
     """JSON-ready form: tuples -> lists, mappings -> dicts with str keys, non-finite -> None."""

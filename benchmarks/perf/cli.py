@@ -276,8 +276,11 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
             "",
         ]
     )
+    protocol = _protocol(args, devices, METHOD_HPARAMS)
     results = {
         "command": command,
+        "protocol": protocol.to_dict(),
+        "fingerprint": protocol.fingerprint(),
         "environment": env,
         "args": {k: v for k, v in vars(args).items()},
         "targets": [c.to_dict() for c in checks],
@@ -291,6 +294,37 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
     print("\n" + markdown)
     print(f"saved {out / 'perf.md'} and {out / 'perf.json'}")
     return results
+
+
+def _protocol(args: argparse.Namespace, devices: list[torch.device], hparams: dict[str, dict[str, Any]]) -> Any:
+    """The typed protocol block of this perf run (benchmarks.protocol.PerfProtocol)."""
+    import tta
+    from benchmarks.protocol import MethodProtocol, PerfProtocol, resolved_hparams, software_protocol
+
+    methods = {}
+    for spec in args.methods:
+        built = tta.build_method(spec, **hparams.get(spec.split("+")[-1], {}))
+        methods[spec] = MethodProtocol(name=spec, hparams=resolved_hparams(built))
+    return PerfProtocol(
+        models={
+            name: {
+                "label": MODELS[name].label,
+                "weights": "random, torch.manual_seed(0); BatchNorm statistics calibrated on 2 random batches",
+                "input_size": {d.type: MODELS[name].size(d, args.sizes.get(name)) for d in devices},
+            }
+            for name in args.models
+        },
+        inputs={"kind": "uniform random in [0, 1]", "seed": 0},
+        methods=methods,
+        batch_sizes=tuple(int(b) for b in args.batch_sizes),
+        metric={
+            "name": "seconds per call",
+            "definition": f"median over {args.repeats} interleaved repeats (after {args.warmup} warm-up calls) "
+            "of the wall-clock time of one adapting forward; ratios paired per repeat",
+            "memory": "peak per call (CPU: torch.profiler allocations; CUDA: max_memory_allocated)",
+        },
+        software=tuple(software_protocol(d) for d in devices),
+    )
 
 
 def _json_default(value: Any) -> Any:

@@ -43,6 +43,13 @@ def test_methods_and_profile_sections_write_a_consistent_table(tmp_path):
     assert "| 2 | unmix_tns |" in markdown and "## Targets" in markdown
     saved = json.loads((tmp_path / "perf.json").read_text())
     assert saved["environment"]["torch"] == torch.__version__
+    from benchmarks.protocol import PROTOCOL_SCHEMA, fingerprint_of
+
+    protocol = saved["protocol"]  # the typed protocol block of the run, with its fingerprint
+    assert protocol["schema"] == PROTOCOL_SCHEMA and protocol["kind"] == "benchmarks.perf"
+    assert saved["fingerprint"] == fingerprint_of(protocol)
+    assert protocol["methods"]["tent"]["hparams"]["tent"]["lr"] > 0 and protocol["batch_sizes"] == [2]
+    assert protocol["software"][0]["torch"] == torch.__version__
     # the CPU ratio targets are evaluated at the target batch; CUDA ones say "not measured"
     targets = {(t["target"], t["scope"]): t["met"] for t in saved["targets"]}
     assert targets[("norm <= 1.25x plain (CPU, batch 2)", "cifar_resnet26")] in ("yes", "no")
