@@ -133,7 +133,10 @@ class Adapted(nn.Module):
                 if guard:
                     guard.restore(torch.zeros((), dtype=torch.bool, device=x.device))
                 raise
-            commit_layers(layers)
+            if any(layer._pending for layer in layers):
+                # a stream whose input holds NaN/Inf keeps its statistics, even where the
+                # layer's statistics came out finite (robust or per-class statistics)
+                commit_layers(layers, torch.isfinite(x).reshape(self.num_streams, -1).all(1))
             if guard:
                 guard.restore(_all_finite([x, out, *guard.current()]))
             return out

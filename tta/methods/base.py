@@ -508,8 +508,10 @@ class StateGuard:
     holds floating tensors (plain tensors, dicts, lists, tuples). After the step,
     :meth:`restore` selects per element ``where(ok, new, saved)``: in place for the former,
     by reassigning the attribute for the latter. Only where an attribute's layout changed
-    during the step (a memory bank that grew) or a tensor lives on another device than the
-    flag does the decision need the host (one synchronisation, on those steps only).
+    during the step (a memory bank that grew), a tensor lives on another device than the
+    flag, or the step drew from the method's generators does the decision need the host (one
+    synchronisation, on those steps only; none on the CPU). Other Python values (counters,
+    custom objects) are not guarded: keep state in tensors to have it protected.
     """
 
     def __init__(self, methods: Sequence["Method"]) -> None:
@@ -521,6 +523,8 @@ class StateGuard:
                     seen.add(id(tensor))
                     self.in_place.append(tensor)
         self.attributes: list[tuple[Method, str, Any, Any]] = []
+        generators = {id(g): g for m in methods for g in m.generators()}
+        self.generators = [(g, g.get_state()) for g in generators.values()]
         with torch.no_grad():
             self.saved = torch._foreach_clone([t.detach() for t in self.in_place]) if self.in_place else []
             for method in methods:
@@ -530,7 +534,7 @@ class StateGuard:
                         self.attributes.append((method, name, clone, _layout(value)))
 
     def __bool__(self) -> bool:
-        return bool(self.in_place or self.attributes)
+        return bool(self.in_place or self.attributes or self.generators)
 
     def current(self) -> list[torch.Tensor]:
         """The guarded floating tensors as the step left them (to test for finiteness)."""
@@ -553,6 +557,11 @@ class StateGuard:
                     setattr(method, name, _zip_tensors(new, saved, lambda a, b: torch.where(ok, a, b) if a.is_floating_point() else a))
                 elif not bool(ok):
                     setattr(method, name, saved)
+            for generator, saved_state in self.generators:
+                # a method that drew random numbers in this step: the stream rewinds on a bad
+                # batch (a host decision, so only on steps that drew)
+                if not torch.equal(generator.get_state(), saved_state) and not bool(ok):
+                    generator.set_state(saved_state)
 
 
 # -- the method base class ------------------------------------------------------------------
@@ -729,6 +738,11 @@ class Method:
         if self._generator is None:
             self._generator = torch.Generator().manual_seed(self._seed)
         return self._generator
+
+    def generators(self) -> list[torch.Generator]:
+        """The generators created so far (the CPU one and any device ones)."""
+        found = [self._generator] if self._generator is not None else []
+        return found + list(self._device_generators.values())
 
     def generator_on(self, device: torch.device | str) -> torch.Generator:
         """A generator on ``device`` (the CPU one for the CPU), seeded per wrapper."""

@@ -147,9 +147,8 @@ class SAR(Method):
     default_statistics = "norm"
 
     def __init__(self, num_streams: int = 1, **hparams: Any) -> None:
-        if "exclude" in hparams and hparams["exclude"] is not None:
-            value = hparams["exclude"]
-            hparams["exclude"] = (value,) if isinstance(value, str) else tuple(value)
+        if isinstance(hparams.get("exclude"), str):
+            hparams["exclude"] = (hparams["exclude"],)
         super().__init__(num_streams, **hparams)
         self.params: list[nn.Parameter] = []
         self.param_names: list[str] = []
