@@ -25,6 +25,10 @@ where two protocol blocks disagree (dotted keys such as ``model.weights_sha256``
 the swept keys. ``python -m benchmarks.protocol diff A B`` prints the differences of two
 records (or protocol JSON files), e.g. a local run and a published one.
 
+The continual-learning experiments record a :class:`ContinualProtocol` (the same sections,
+with the data and setting of a class-incremental or Si-Blurry stream) and ``benchmarks.perf``
+a :class:`PerfProtocol` (seeded random weights and inputs, timing definition, software).
+
 Bump :data:`PROTOCOL_VERSION` whenever a field is added, removed or changes meaning.
 """
 
@@ -183,6 +187,57 @@ class Protocol:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values (tuples become lists), ready for a record."""
+        return canonical(dataclasses.asdict(self))
+
+    def fingerprint(self) -> str:
+        return fingerprint_of(self.to_dict())
+
+
+@dataclass(frozen=True)
+class ContinualDataProtocol:
+    """The data of a continual-learning run: the exact train/test arrays it was cut from."""
+
+    benchmark: str
+    #: sha256 of the uint8 images and int64 labels (see :func:`arrays_sha256`)
+    train_sha256: str
+    test_sha256: str
+    train_per_class: int | None
+    test_per_class: int | None
+    num_classes: int
+    train_samples: int
+    test_samples: int
+
+
+@dataclass(frozen=True)
+class ContinualSettingProtocol:
+    scenario: str
+    strategy: str
+    n_experiences: int
+    batch_size: int
+    passes: int
+    #: scenario parameters (Si-Blurry's N and M, shuffling within a task)
+    scenario_params: Mapping[str, Any]
+    #: replay buffer (empty without replay)
+    replay: Mapping[str, Any]
+    seeds: Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class ContinualProtocol:
+    """The protocol of a continual-learning experiment run (``continual.experiments``)."""
+
+    model: ModelProtocol
+    input: InputProtocol
+    data: ContinualDataProtocol
+    setting: ContinualSettingProtocol
+    metric: MetricProtocol
+    method: MethodProtocol
+    software: SoftwareProtocol
+    kind: str = "continual"
+    schema: str = PROTOCOL_SCHEMA
+    version: int = PROTOCOL_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
         return canonical(dataclasses.asdict(self))
 
     def fingerprint(self) -> str:
@@ -402,6 +457,14 @@ def stream_data_sha256(stream: Any) -> str:
         digest.update(repr(plan.keys[int(key)]).encode() + b"\0")
         update_with_array(digest, np.asarray(arrays.images)[rows])
         update_with_array(digest, np.asarray(arrays.labels, dtype=np.int64)[rows])
+    return digest.hexdigest()
+
+
+def arrays_sha256(arrays: Any) -> str:
+    """sha256 of an :class:`benchmarks.data.ImageArrays`: its uint8 images and int64 labels."""
+    digest = hashlib.sha256()
+    update_with_array(digest, np.asarray(arrays.images))
+    update_with_array(digest, np.asarray(arrays.labels, dtype=np.int64))
     return digest.hexdigest()
 
 

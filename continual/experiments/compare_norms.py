@@ -172,6 +172,51 @@ def build_strategy(config: RunConfig, model: torch.nn.Module, metric: OnlineAccu
         )
 
 
+def run_protocol(config: RunConfig, model: torch.nn.Module, num_classes: int) -> Any:
+    """The typed protocol block of a run (:class:`benchmarks.protocol.ContinualProtocol`):
+    initial weights, the exact data arrays, the scenario, the metrics and the software."""
+    from benchmarks.protocol import (
+        ContinualDataProtocol, ContinualProtocol, ContinualSettingProtocol, InputProtocol, MethodProtocol,
+        MetricProtocol, ModelProtocol, arrays_sha256, normalization_layers, software_protocol, state_dict_sha256,
+    )
+
+    train, test = load_data(config)
+    norm = {"kappa": config.kappa, "lambd": config.lambd, "ada_t0": config.ada_t0,
+            "regularize_on": regularize_on(config)} if config.norm == "adab2n" else dict(config.norm_options)
+    return ContinualProtocol(
+        model=ModelProtocol(
+            kind="continual", arch=config.model, label=f"{config.model}(nf={config.nf})",
+            weights_sha256=state_dict_sha256(model.state_dict()),  # the seeded initial weights
+            normalization_layers=normalization_layers(model), num_classes=num_classes,
+        ),
+        input=InputProtocol(resolution=int(train.images.shape[1])),
+        data=ContinualDataProtocol(
+            benchmark=config.benchmark, train_sha256=arrays_sha256(train), test_sha256=arrays_sha256(test),
+            train_per_class=config.train_per_class, test_per_class=config.test_per_class, num_classes=num_classes,
+            train_samples=len(train), test_samples=len(test),
+        ),
+        setting=ContinualSettingProtocol(
+            scenario=config.scenario, strategy=config.strategy, n_experiences=config.n_experiences,
+            batch_size=config.batch_size, passes=config.passes,
+            scenario_params=({"disjoint_pct": config.disjoint_pct, "blurry_pct": config.blurry_pct}
+                             if config.scenario == "si_blurry" else {"shuffle_within_task": True}),
+            replay={"mem_size": config.mem_size, "mem_batch_size": config.mem_batch_size} if config.strategy == "er" else {},
+            seeds={"run": config.seed},
+        ),
+        metric=MetricProtocol(
+            name="A_auc,A_last,A_avg,F_last",
+            definition="Si-Blurry's online metrics (ALGORITHMS.md §9.5) on the test samples of the classes seen so far",
+            averaging="A_auc: mean of the accuracy measured every eval_period samples; A_avg: mean over task ends",
+            window=config.eval_period,
+        ),
+        method=MethodProtocol(
+            name=f"{config.strategy}+{config.norm}",
+            hparams={config.norm: norm, "sgd": {"lr": config.lr, "momentum": 0.0}},
+        ),
+        software=software_protocol("cpu"),
+    )
+
+
 def run(config: RunConfig, scenario=None, progress: bool = True) -> dict[str, Any]:
     """Train one online run and return its metrics and timing.
 
@@ -184,6 +229,7 @@ def run(config: RunConfig, scenario=None, progress: bool = True) -> dict[str, An
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     model = build_model(config, num_classes)
+    protocol = run_protocol(config, model, num_classes)
     metric = OnlineAccuracyMetrics.from_stream(scenario.test_stream, num_classes, eval_period=config.eval_period)
     strategy = build_strategy(config, model, metric)
     total = sum(len(e.dataset) for e in scenario.train_stream)
@@ -200,6 +246,8 @@ def run(config: RunConfig, scenario=None, progress: bool = True) -> dict[str, An
             bar.update(len(experience.dataset))
     return {
         "config": asdict(config),
+        "protocol": protocol.to_dict(),
+        "fingerprint": protocol.fingerprint(),
         "plugins": [type(plugin).__name__ for plugin in strategy.plugins],
         "metrics": metric.result(),
         "task_accuracies": metric.task_accuracies,

@@ -140,3 +140,18 @@ def test_cli_options() -> None:
         _parse(["--strategy", "der"])
     with pytest.raises(ValueError, match="scenario"):
         RunConfig(scenario="blurry")
+
+
+def test_runs_carry_a_protocol_block() -> None:
+    from benchmarks.protocol import PROTOCOL_SCHEMA, differences, fingerprint_of
+
+    bn = run(RunConfig(**TINY, norm="bn"), progress=False)
+    ada = run(RunConfig(**TINY, norm="adab2n"), progress=False)
+    block = bn["protocol"]
+    assert block["schema"] == PROTOCOL_SCHEMA and block["kind"] == "continual"
+    assert bn["fingerprint"] == fingerprint_of(block)
+    assert block["data"]["train_samples"] == 200 and block["data"]["test_samples"] == 100
+    assert block["setting"]["replay"] == {"mem_size": 30, "mem_batch_size": 10}
+    # same seed, same data and initial weights: only the method part differs
+    changed = {key.split(".")[0] for key, _, _ in differences(block, ada["protocol"])}
+    assert changed == {"method"}
