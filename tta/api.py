@@ -75,10 +75,17 @@ class Adapted(nn.Module):
       bit-identical outputs.
     * :meth:`no_adapt` predicts exactly as a step would, without changing any state.
     * Calls from several threads are serialized.
-    * A failing step (bad input, an exception inside the model) leaves the state unchanged;
-      statistics computed from a batch holding NaN/Inf are not kept (the step's output is
-      returned as computed, so it is non-finite too). The check runs on the device without a
-      host synchronisation.
+    * A failing step (bad input, an exception inside the model) leaves the state unchanged.
+    * A batch whose input, output or new method state holds NaN/Inf changes nothing: the
+      statistics of its streams are not committed, and the method's guarded state
+      (parameters, optimizer state, registered method state; see
+      :class:`tta.methods.base.StateGuard`) is put back. The step's output is returned as
+      computed, so it is non-finite too. Decided on the device, without a host
+      synchronisation.
+    * Steps and predictions run with autograd enabled and outside ``torch.inference_mode``
+      whatever the caller's context (an inference-mode batch is cloned into a normal tensor).
+    * ``.to()``, ``.half()``, ``.cuda()`` move the method's state along; statistics buffers
+      and fp32 master parameters keep float32.
     """
 
     def __init__(

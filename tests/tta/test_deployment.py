@@ -19,7 +19,6 @@ from torch import nn
 import tta
 from tta.layers import SourceStatsNorm
 from tta.layers.bcn import convert_to_bcn_ws
-from tta.methods.base import MasterOptimizer
 from tta.registry import method_class
 
 from .helpers import batches, small_bn_cnn
@@ -84,6 +83,8 @@ def test_half_precision_models_adapt_with_fp32_state(method: str, dtype: torch.d
         reference(x)
     for name, p in adapted.model.named_parameters():
         assert p.dtype == dtype and torch.isfinite(p).all(), name
+    from tta.methods.base import MasterOptimizer
+
     for optimizer in trained(adapted):
         assert isinstance(optimizer, MasterOptimizer)
         assert all(m.dtype == torch.float32 for m in optimizer.masters)

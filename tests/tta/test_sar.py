@@ -190,6 +190,7 @@ def test_faithful_recovery_keeps_the_sgd_momentum_buffers():
         before = seen[0]
         after = [s["momentum_buffer"] for s in sar.optimizer.state.values()]
         assert any(b.abs().sum() > 0 for b in before)  # the step did move them
+        assert len(after) == len(before)
         for b, a in zip(before, after):
             if faithful:
                 assert torch.equal(a, b)  # survive the recovery

@@ -57,8 +57,12 @@ class Tent(Method):
     only dropout/stochastic depth differ, which the mariodoebler port also keeps off.
 
     Robustness: a batch whose forward contains NaN/Inf contributes a zero gradient (checked on
-    the device, see :func:`tta.methods.entropy.nonfinite_guard_`). No host synchronisation
-    in the step.
+    the device, see :func:`tta.methods.entropy.nonfinite_guard_`), and the wrapper's guard
+    puts parameters and Adam/SGD state back as they were (:class:`tta.Adapted`). No host
+    synchronisation in the step.
+
+    Half precision: the optimizer runs on fp32 master copies with fp32 state
+    (:class:`tta.methods.base.MasterOptimizer`); fp16 Adam state would underflow.
     """
 
     name = "tent"
