@@ -217,11 +217,46 @@ def run_protocol(config: RunConfig, model: torch.nn.Module, num_classes: int) ->
     )
 
 
-def run(config: RunConfig, scenario=None, progress: bool = True) -> dict[str, Any]:
+_METRIC_STATE = ("samples_seen", "seen", "schedule", "curve", "task_accuracies", "class_accuracies")
+
+
+def _training_state(strategy: Any, metric: OnlineAccuracyMetrics) -> dict[str, Any]:
+    """What a mid-stream checkpoint needs besides the model and the RNGs. The optimizer is
+    left out: Avalanche resets it at every ``train()`` call, i.e. every online batch."""
+    state: dict[str, Any] = {
+        "metric": {name: getattr(metric, name) for name in _METRIC_STATE},
+        "clock": strategy.clock,
+        "plugins": [],
+    }
+    for plugin in strategy.plugins:
+        if isinstance(plugin, NormalizationPlugin):
+            state["plugins"].append(plugin.state_dict())
+        elif isinstance(plugin, ReservoirReplayPlugin):
+            state["plugins"].append(plugin.storage_policy)  # the buffer, pickled whole
+    return state
+
+
+def _restore_training_state(strategy: Any, metric: OnlineAccuracyMetrics, state: dict[str, Any]) -> None:
+    for name in _METRIC_STATE:
+        setattr(metric, name, state["metric"][name])
+    strategy.clock = state["clock"]
+    saved = iter(state["plugins"])
+    for plugin in strategy.plugins:
+        if isinstance(plugin, NormalizationPlugin):
+            plugin.load_state_dict(next(saved))
+        elif isinstance(plugin, ReservoirReplayPlugin):
+            plugin.storage_policy = next(saved)
+
+
+def run(config: RunConfig, scenario=None, progress: bool = True, checkpoint: Any = None) -> dict[str, Any]:
     """Train one online run and return its metrics and timing.
 
     ``scenario`` must come from :func:`build_scenario` of a config with the same data fields
-    (and, for Si-Blurry, the same seed); None builds it.
+    (and, for Si-Blurry, the same seed); None builds it. ``checkpoint``: a
+    :class:`benchmarks.evaluation.StreamCheckpoint` (its fingerprint is replaced by this
+    run's protocol fingerprint); the run checkpoints every ``checkpoint.every`` online
+    batches and continues from a checkpoint of the same protocol, with the same result as an
+    uninterrupted run.
     """
     torch.set_num_threads(config.threads)
     scenario = scenario if scenario is not None else build_scenario(config)
@@ -233,6 +268,17 @@ def run(config: RunConfig, scenario=None, progress: bool = True) -> dict[str, An
     metric = OnlineAccuracyMetrics.from_stream(scenario.test_stream, num_classes, eval_period=config.eval_period)
     strategy = build_strategy(config, model, metric)
     total = sum(len(e.dataset) for e in scenario.train_stream)
+    position, resumed_at = 0, None
+    if checkpoint is not None:
+        checkpoint.fingerprint, checkpoint.protocol = protocol.fingerprint(), protocol.to_dict()
+        payload = checkpoint.load()
+        if payload is not None:
+            # The checkpointed model has the converted normalization layers: convert first.
+            norm = next(p for p in strategy.plugins if isinstance(p, NormalizationPlugin))
+            strategy.model = norm.install(strategy.model)
+            checkpoint.restore(payload, strategy.model)
+            _restore_training_state(strategy, metric, payload["extra"])
+            position = resumed_at = int(payload["position"])
     start = time.perf_counter()
     # Split tasks are shuffled within each task; a Si-Blurry stream keeps the splitter's
     # presentation order (its blurred samples' positions are part of the scenario).
@@ -241,9 +287,17 @@ def run(config: RunConfig, scenario=None, progress: bool = True) -> dict[str, An
     )
     desc = f"{config.benchmark} {config.scenario} {config.strategy} {config.norm} seed {config.seed}"
     with tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False) as bar:
-        for experience in stream:
-            strategy.train(experience)
+        for index, experience in enumerate(stream):
+            if index >= position:  # batches before a resumed position were trained already
+                strategy.train(experience)
+                if checkpoint is not None and checkpoint.due(index + 1, None):
+                    checkpoint.save(
+                        model=strategy.model, position=index + 1, recorders=[],
+                        extra=_training_state(strategy, metric),
+                    )
             bar.update(len(experience.dataset))
+    if checkpoint is not None:
+        checkpoint.remove()
     return {
         "config": asdict(config),
         "protocol": protocol.to_dict(),
@@ -253,6 +307,7 @@ def run(config: RunConfig, scenario=None, progress: bool = True) -> dict[str, An
         "task_accuracies": metric.task_accuracies,
         "curve": metric.curve,
         "seconds": time.perf_counter() - start,
+        "resumed_at_batch": resumed_at,
     }
 
 
@@ -302,6 +357,11 @@ def _parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, RunConfig
     parser.add_argument("--norms", nargs="+", default=["bn", "adab2n"], choices=CHOICES["norm"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=None, help="JSON file for all runs")
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=0, metavar="N",
+        help="checkpoint every N online batches into <out>.checkpoints/ (needs --out); running the same "
+        "command again skips the runs already in --out and continues the interrupted one",
+    )
     for name, value in asdict(defaults).items():
         if name in ("norm", "seed", "norm_options"):
             continue
@@ -310,6 +370,8 @@ def _parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, RunConfig
             "--" + name.replace("_", "-"), type=kind, default=value, choices=CHOICES.get(name), help=_HELP.get(name)
         )
     args = parser.parse_args(argv)
+    if args.checkpoint_every and args.out is None:
+        parser.error("--checkpoint-every needs --out (the checkpoints go beside it)")
     fields = {k: v for k, v in vars(args).items() if k in asdict(defaults)}
     return args, RunConfig(**fields)
 
@@ -320,19 +382,33 @@ def main(argv: list[str] | None = None) -> None:
     # seed by seed, so only the current scenario is kept (a CIFAR-10 one holds 150 MB).
     scenario, scenario_key = None, None
     runs = []
+    finished: list[dict[str, Any]] = []
+    if args.checkpoint_every and args.out.is_file():
+        finished = json.loads(args.out.read_text())
     jobs = [(seed, norm) for seed in args.seeds for norm in args.norms]
     for seed, norm in tqdm(jobs, desc="runs", unit="run"):
         config = RunConfig(**{**asdict(base), "seed": seed, "norm": norm})
+        done = [r for r in finished if r.get("config") == json.loads(json.dumps(asdict(config)))]
+        if done:  # finished before an interruption: keep its record
+            runs.append(done[0])
+            continue
         key = seed if config.scenario == "si_blurry" else None
         if scenario is None or key != scenario_key:
             scenario, scenario_key = build_scenario(config), key
-        result = run(config, scenario)
+        checkpoint = None
+        if args.checkpoint_every:
+            from benchmarks.evaluation import StreamCheckpoint
+
+            name = f"{config.benchmark}-{config.scenario}-{config.strategy}-{norm}-seed{seed}.pt"
+            checkpoint = StreamCheckpoint(args.out.with_name(args.out.name + ".checkpoints") / name, args.checkpoint_every, "")
+        result = run(config, scenario, checkpoint=checkpoint)
         runs.append(result)
         tqdm.write(f"seed {seed} {norm}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in result["metrics"].items())
                    + f" ({result['seconds']:.0f} s)")
         if args.out is not None:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(runs, indent=1))
+            from benchmarks.evaluation.writers import atomic_write_text
+
+            atomic_write_text(args.out, json.dumps(runs, indent=1))
     print(summarize(runs))
 
 
