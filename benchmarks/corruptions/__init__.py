@@ -10,6 +10,6 @@ Modules: ``noise`` (gaussian, shot, impulse), ``blur`` (defocus, glass, motion, 
 """
 
 from benchmarks.corruptions._registry import CORRUPTIONS, REGISTRY, SEVERITIES
-from benchmarks.corruptions.api import corrupt, to_uint8
+from benchmarks.corruptions.api import corrupt, corrupt_uint8, to_uint8
 
-__all__ = ["CORRUPTIONS", "REGISTRY", "SEVERITIES", "corrupt", "to_uint8"]
+__all__ = ["CORRUPTIONS", "REGISTRY", "SEVERITIES", "corrupt", "corrupt_uint8", "to_uint8"]

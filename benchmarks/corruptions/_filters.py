@@ -66,45 +66,6 @@ def exact_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` in :func:`exact_dtype` of ``like``, returned in ``like``'s dtype."""
-    dtype = exact_dtype(like)
-    return torch.matmul(a.to(dtype), b.to(dtype)).to(like.dtype)
-
-
-def conv2d_same(x: torch.Tensor, kernel: torch.Tensor, mode: str) -> torch.Tensor:
-    """Correlate every channel with one odd-sized 2-D ``kernel`` (OpenCV ``filter2D`` style)."""
-    b, c, h, w = x.shape
-    kh, kw = kernel.shape
-    dtype = exact_dtype(x)
-    padded = pad(x, kh // 2, kh // 2, kw // 2, kw // 2, mode).to(dtype)
-    weight = kernel.to(device=x.device, dtype=dtype)[None, None].expand(c, 1, kh, kw)
-    return F.conv2d(padded, weight, groups=c).to(x.dtype)
-
-
-@lru_cache(maxsize=128)
-def filter_matrix(n: int, taps: tuple[float, ...], mode: str) -> np.ndarray:
-    """The ``(n, n)`` matrix of "pad with ``mode``, then correlate with ``taps``" on one axis.
-
-    Filtering a small image separably is then two batched matrix products, which is much
-    faster than single-channel convolutions and handles any kernel size and border.
-    """
-    radius = len(taps) // 2
-    matrix = np.zeros((n, n), dtype=np.float64)
-    rows = np.arange(n)
-    for k, tap in enumerate(taps):  # a few taps, once per (size, kernel, mode)
-        np.add.at(matrix, (rows, map_index(rows + k - radius, n, mode)), tap)
-    return matrix
-
-
-def separable_filter(x: torch.Tensor, taps_h: tuple[float, ...], taps_w: tuple[float, ...], mode: str) -> torch.Tensor:
-    """Correlate the last two dims with ``taps_h`` along H and ``taps_w`` along W (odd sizes)."""
-    h, w = x.shape[-2:]
-    mh = torch.from_numpy(filter_matrix(h, tuple(taps_h), mode)).to(x.device)
-    mw = torch.from_numpy(filter_matrix(w, tuple(taps_w), mode)).to(x.device)
-    return matmul(matmul(mh, x, x), mw.T, x)
-
-
 @lru_cache(maxsize=64)
 def gaussian_taps(sigma: float, truncate: float) -> tuple[float, ...]:
     """SciPy's normalised Gaussian taps, radius ``int(truncate * sigma + 0.5)``.
@@ -120,82 +81,217 @@ def gaussian_taps(sigma: float, truncate: float) -> tuple[float, ...]:
     return tuple(taps / taps.sum())
 
 
-def gaussian_filter(x: torch.Tensor, sigma: float, *, mode: str, truncate: float = 4.0) -> torch.Tensor:
-    """``scipy.ndimage.gaussian_filter`` over H and W (kernel radius ``int(truncate*sigma+0.5)``).
+def scipy_gaussian(x: torch.Tensor, sigma: float, *, mode: str, truncate: float = 4.0) -> torch.Tensor:
+    """``scipy.ndimage.gaussian_filter`` over H then W, in float64 with SciPy's arithmetic.
 
-    ``skimage.filters.gaussian`` calls SciPy with ``mode="nearest"`` (here ``"edge"``) and
-    ``truncate=4`` by default; the elastic transform asks for ``mode="reflect"`` (here
-    ``"symmetric"``) and ``truncate=3``.
+    SciPy's ``correlate1d`` for a symmetric kernel computes, per output value, the centre
+    tap first and then the pairs ``(x[-j] + x[+j]) * w[j]`` from the outermost ``j``
+    inwards; doing the same element-wise gives SciPy's float64 result bit for bit, and a
+    value that never depends on the other images of the batch. ``mode``: ``"edge"``
+    (SciPy ``nearest``, what ``skimage.filters.gaussian`` uses by default) or
+    ``"symmetric"`` (SciPy ``reflect``).
     """
     taps = gaussian_taps(float(sigma), float(truncate))
-    if len(taps) == 1:
-        return x.clone()
-    return separable_filter(x, taps, taps, mode)
+    radius = len(taps) // 2
+    out = x.to(torch.float64)
+    if radius == 0:
+        return out * taps[0]
+    for dim in (-2, -1):
+        n = out.shape[dim]
+        if dim == -2:
+            padded = pad(out, radius, radius, 0, 0, mode)
+        else:
+            padded = pad(out, 0, 0, radius, radius, mode)
+
+        def window(offset: int) -> torch.Tensor:
+            return padded.narrow(dim, radius + offset, n)
+
+        total = window(0) * taps[radius]
+        for j in range(radius, 0, -1):
+            total = total + (window(-j) + window(j)) * taps[radius + j]
+        out = total
+    return out
+
+
+def correlate_taps(x: torch.Tensor, kernel: np.ndarray, mode: str) -> torch.Tensor:
+    """Correlate every channel with an odd-sized 2-D ``kernel`` as OpenCV's direct ``filter2D``.
+
+    OpenCV sums ``kernel[i, j] * pixel`` over the non-zero kernel entries in row-major order,
+    starting from the first product; this does the same, one shifted view per tap, in the
+    dtype of ``x`` (float64 for the reference's float64 images). Each output value is a fixed
+    sequence of element-wise operations, so it is the same whatever else is in the batch.
+    """
+    kh, kw = kernel.shape
+    padded = pad(x, kh // 2, kh // 2, kw // 2, kw // 2, mode)
+    h, w = x.shape[-2:]
+    total: torch.Tensor | None = None
+    for i, j in zip(*np.nonzero(kernel)):  # row-major, at most a few dozen taps
+        term = padded[..., i : i + h, j : j + w] * float(kernel[i, j])
+        total = term if total is None else total + term
+    return total if total is not None else torch.zeros_like(x)
 
 
 @lru_cache(maxsize=256)
-def clipped_zoom_matrix(size: int, zoom: float) -> np.ndarray:
-    """The reference ``clipped_zoom`` along one axis of length ``size`` as an ``(size, size)`` map.
+def clipped_zoom_taps(size: int, zoom: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The reference ``clipped_zoom`` along one axis of length ``size``: two taps per output.
 
     The reference crops the centred ``ceil(size/zoom)`` pixels (first index
     ``(size - crop)//2``), enlarges them with ``scipy.ndimage.zoom(order=1)`` to
     ``round(crop*zoom)`` pixels (output ``o`` samples input ``o*(crop-1)/(out-1)``, linear
     interpolation) and keeps ``size`` pixels starting at ``(out - size)//2``.
+
+    Returns ``(lower, upper, w_lower, w_upper)``: source indices into the uncropped axis and
+    SciPy's order-1 weights (``w_lower = 1 - t``, ``w_upper = 1 - w_lower``).
     """
     crop = int(math.ceil(size / zoom))
     start = (size - crop) // 2
     out = int(round(crop * zoom))
     trim = (out - size) // 2
     scale = (crop - 1) / (out - 1) if out > 1 else 0.0
-    coords = start + np.arange(trim, trim + size, dtype=np.float64) * scale
-    lower = np.clip(np.floor(coords).astype(np.int64), 0, size - 1)
-    upper = np.minimum(lower + 1, size - 1)
-    frac = coords - lower
-    matrix = np.zeros((size, size), dtype=np.float64)
-    rows = np.arange(size)
-    np.add.at(matrix, (rows, lower), 1.0 - frac)
-    np.add.at(matrix, (rows, upper), frac)
-    return matrix
+    coords = np.arange(trim, trim + size, dtype=np.float64) * scale
+    floor = np.floor(coords)
+    w_lower = 1.0 - (coords - floor)
+    w_upper = 1.0 - w_lower
+    lower = np.clip(floor.astype(np.int64), 0, crop - 1)
+    upper = np.minimum(lower + 1, crop - 1)
+    return lower + start, upper + start, w_lower, w_upper
+
+
+_ZOOM_CACHE: dict[tuple[int, int, float, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def clipped_zoom_gather(h: int, w: int, zoom: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat source indices and row/column weights ``(4, h*w)`` of the four neighbours (cached)."""
+    key = (h, w, float(zoom), str(device))
+    if key not in _ZOOM_CACHE:
+        r_lo, r_hi, wr_lo, wr_hi = clipped_zoom_taps(h, float(zoom))
+        c_lo, c_hi, wc_lo, wc_hi = clipped_zoom_taps(w, float(zoom))
+        index, weight_r, weight_c = [], [], []
+        for rows, wr in ((r_lo, wr_lo), (r_hi, wr_hi)):  # SciPy's neighbour order
+            for cols, wc in ((c_lo, wc_lo), (c_hi, wc_hi)):
+                index.append((rows[:, None] * w + cols[None, :]).reshape(-1))
+                weight_r.append(np.repeat(wr, w))
+                weight_c.append(np.tile(wc, h))
+        _ZOOM_CACHE[key] = tuple(torch.from_numpy(np.stack(a)).to(device) for a in (index, weight_r, weight_c))  # type: ignore[assignment]
+    return _ZOOM_CACHE[key]
 
 
 def clipped_zoom(x: torch.Tensor, zoom: float) -> torch.Tensor:
-    """Centre zoom of the last two dims of ``x`` by ``zoom`` >= 1, bilinear, same size out."""
-    h, w = x.shape[-2:]
-    mh = torch.from_numpy(clipped_zoom_matrix(h, float(zoom))).to(x.device)
-    mw = torch.from_numpy(clipped_zoom_matrix(w, float(zoom))).to(x.device)
-    return matmul(matmul(mh, x, x), mw.T, x)
+    """Centre zoom of the last two dims of ``x`` by ``zoom`` >= 1, bilinear, same size, float64.
 
-
-def bilinear_sample(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, mode: str) -> torch.Tensor:
-    """Sample every channel of ``x`` (B, C, H, W) at per-sample float positions.
-
-    ``rows``/``cols``: ``(B, H', W')`` source coordinates in pixels (pixel centres at
-    integers). Out-of-range neighbours are mapped with the border ``mode``, as OpenCV's
-    ``remap``/``warpAffine`` and SciPy's ``map_coordinates(order=1)`` do. Implemented as:
-    pad ``x`` with ``mode`` far enough that every neighbour is inside, then one
-    ``grid_sample`` (bilinear, ``align_corners=True``: pixel centres at the grid ends).
+    Each output value is SciPy's order-1 sum ``v00*wr0*wc0 + v01*wr0*wc1 + v10*wr1*wc0 +
+    v11*wr1*wc1`` (in that order, float64), computed element-wise: independent of the batch.
     """
+    h, w = x.shape[-2:]
+    index, weight_r, weight_c = clipped_zoom_gather(h, w, zoom, x.device)
+    flat = x.to(torch.float64).reshape(*x.shape[:-2], h * w)
+    terms = flat.index_select(-1, index.view(-1)).view(*x.shape[:-2], 4, h * w) * weight_r * weight_c
+    total = ((terms[..., 0, :] + terms[..., 1, :]) + terms[..., 2, :]) + terms[..., 3, :]
+    return total.view(*x.shape[:-2], h, w)
+
+
+def map_index_tensor(index: torch.Tensor, n: int, mode: str) -> torch.Tensor:
+    """:func:`map_index` on an integer tensor (any distance from the axis)."""
+    if mode == "edge" or n == 1:
+        return index.clamp(0, n - 1)
+    if mode == "reflect101":
+        index = torch.remainder(index, 2 * (n - 1))
+        return torch.minimum(index, 2 * (n - 1) - index)
+    if mode == "symmetric":
+        index = torch.remainder(index, 2 * n)
+        return torch.minimum(index, 2 * n - 1 - index)
+    raise ValueError(f"unknown border mode {mode!r}")
+
+
+def _gather_pixels(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``x[b, :, rows[b], cols[b]]`` for in-range integer ``(B, H', W')`` indices."""
     b, c, h, w = x.shape
-    top = max(0, -int(torch.floor(rows.min()))) + 1
-    bottom = max(0, int(torch.ceil(rows.max())) - (h - 1)) + 1
-    left = max(0, -int(torch.floor(cols.min()))) + 1
-    right = max(0, int(torch.ceil(cols.max())) - (w - 1)) + 1
-    padded = pad(x, top, bottom, left, right, mode)
-    height, width = padded.shape[-2:]
-    grid = torch.stack(
-        ((cols + left) * (2.0 / (width - 1)) - 1.0, (rows + top) * (2.0 / (height - 1)) - 1.0), dim=-1
-    )
-    return F.grid_sample(padded, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=True)
+    index = (rows * w + cols).view(b, 1, -1).expand(b, c, -1)
+    return torch.gather(x.reshape(b, c, h * w), 2, index).view(b, c, *rows.shape[1:])
 
 
-def quantize(x: torch.Tensor) -> torch.Tensor:
-    """Round to the nearest 8-bit level (what writing an 8-bit PNG/JPEG/PIL image does)."""
-    return torch.floor(x.clamp(0.0, 1.0) * 255.0 + 0.5) / 255.0
+def remap_bilinear_opencv(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, mode: str) -> torch.Tensor:
+    """OpenCV 4's bilinear ``remap``/``warpAffine`` of a float32 image at 1/32-px positions.
+
+    ``rows``/``cols``: ``(B, H', W')`` float32 source positions on OpenCV's 1/32-pixel grid
+    (see ``digital._opencv_affine_coords``). OpenCV looks the weights up in a table of
+    products ``wy * wx`` (exact at this grid) and sums ``S00*w00 + S01*w01 + S10*w10 +
+    S11*w11`` left to right in float32; out-of-range neighbours are mapped with the border
+    ``mode``. Element-wise, so a sample's result never depends on the rest of the batch.
+    """
+    h, w = x.shape[-2:]
+    r0, c0 = torch.floor(rows), torch.floor(cols)
+    fy, fx = (rows - r0).to(x.dtype), (cols - c0).to(x.dtype)
+    r0, c0 = r0.to(torch.int64), c0.to(torch.int64)
+    wy = (1.0 - fy, fy)
+    wx = (1.0 - fx, fx)
+    total: torch.Tensor | None = None
+    for i in (0, 1):
+        r = map_index_tensor(r0 + i, h, mode)
+        for j in (0, 1):
+            q = map_index_tensor(c0 + j, w, mode)
+            term = _gather_pixels(x, r, q) * (wy[i] * wx[j]).unsqueeze(1)
+            total = term if total is None else total + term
+    assert total is not None
+    return total
+
+
+def _scipy_reflect_coordinate(c: torch.Tensor, n: int) -> torch.Tensor:
+    """SciPy's ``map_coordinate`` for ``mode="reflect"``: fold a float coordinate into range."""
+    if n <= 1:
+        return torch.zeros_like(c)
+    size2 = 2 * n
+    low = c < 0
+    wrapped = torch.where(c < -size2, size2 * torch.trunc(-c / size2) + c, c)
+    folded_low = torch.where(wrapped < -n, wrapped + size2, torch.where(wrapped > -1e-15, 1e-15, -wrapped) - 1)
+    high = c > n - 1
+    reduced = c - size2 * torch.trunc(c / size2)
+    folded_high = torch.where(reduced >= n, size2 - reduced - 1, reduced)
+    return torch.where(low, folded_low, torch.where(high, folded_high, c))
+
+
+def map_coordinates_scipy(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``scipy.ndimage.map_coordinates(order=1, mode="reflect")`` per sample, all channels.
+
+    ``rows``/``cols``: ``(B, H', W')`` float64 positions. SciPy folds each coordinate into
+    the axis (half-sample symmetric), takes ``t = c - floor(c)``, weights ``w0 = 1 - t``
+    and ``w1 = 1 - w0``, and sums ``v * wr * wc`` over the four neighbours (row-major) in
+    float64; the result is returned in float64 (SciPy then casts to the input's dtype).
+    """
+    h, w = x.shape[-2:]
+    rows = _scipy_reflect_coordinate(rows.to(torch.float64), h)
+    cols = _scipy_reflect_coordinate(cols.to(torch.float64), w)
+    r0, c0 = torch.floor(rows), torch.floor(cols)
+    wr0 = 1.0 - (rows - r0)
+    wc0 = 1.0 - (cols - c0)
+    wr = (wr0, 1.0 - wr0)
+    wc = (wc0, 1.0 - wc0)
+    r0, c0 = r0.to(torch.int64), c0.to(torch.int64)
+    source = x.to(torch.float64)
+    total: torch.Tensor | None = None
+    for i in (0, 1):
+        r = map_index_tensor(r0 + i, h, "symmetric")
+        for j in (0, 1):
+            q = map_index_tensor(c0 + j, w, "symmetric")
+            term = _gather_pixels(source, r, q) * wr[i].unsqueeze(1) * wc[j].unsqueeze(1)
+            total = term if total is None else total + term
+    assert total is not None
+    return total
+
+
+def quantize(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Round to the nearest 8-bit level (what writing an 8-bit PNG/JPEG/PIL image does).
+
+    The result ``level / 255`` is computed in ``dtype`` (default: ``x``'s), so that
+    multiplying it by 255 again gives the level back exactly.
+    """
+    levels = torch.floor(x.clamp(0.0, 1.0) * 255.0 + 0.5)
+    return levels.to(dtype or x.dtype) / 255.0
 
 
 def truncate_uint8_levels(x: torch.Tensor) -> torch.Tensor:
-    """NumPy's truncating ``np.uint8(x * 255)`` in [0, 1] units (see ``to_uint8`` for eps)."""
-    return torch.floor(x.clamp(0.0, 1.0) * 255.0 + 1e-3) / 255.0
+    """NumPy's truncating ``np.uint8(x * 255)`` in [0, 1] units."""
+    return torch.floor(x.clamp(0.0, 1.0) * 255.0) / 255.0
 
 
 @lru_cache(maxsize=64)

@@ -246,4 +246,4 @@ def jpeg_roundtrip(x: torch.Tensor, quality: int) -> torch.Tensor:
         chroma = chroma.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)
     chroma = chroma.view(b, 2, 2 * ch, 2 * cw)
     rgb = _ycc_to_rgb(y[:, :h, :w], chroma[:, 0, :h, :w], chroma[:, 1, :h, :w])
-    return rgb.to(torch.float32) / 255.0
+    return rgb.to(x.dtype) / 255.0

@@ -23,36 +23,51 @@ ZOOM_END = (1.06, 1.11, 1.16, 1.21, 1.26)  # zoom factors np.arange(1, end, 0.01
 
 @lru_cache(maxsize=16)
 def defocus_kernel(radius: float, alias_sigma: float) -> np.ndarray:
-    """The anti-aliased disk of the reference, cropped to its non-zero support.
+    """The reference's anti-aliased disk, in float32 as it is built there.
 
-    A 17x17 (or ``2r+1`` for r > 8) indicator of ``x^2 + y^2 <= r^2``, normalised to sum 1,
-    then smoothed like OpenCV ``GaussianBlur`` with a 3x3 (5x5 for r > 8) kernel of standard
-    deviation ``alias_sigma`` and reflect-101 border. Cropping the all-zero margin does not
-    change the filtered image.
+    A 17x17 (or ``2r+1`` for r > 8) float32 indicator of ``x^2 + y^2 <= r^2``, divided by
+    its sum in float32, then smoothed like OpenCV's float32 ``GaussianBlur`` with a 3x3 (5x5
+    for r > 8) kernel of standard deviation ``alias_sigma`` and reflect-101 border: OpenCV's
+    float32 Gaussian taps (``exp`` in float64, rounded, renormalised, rounded again) applied
+    separably, rows first, each output as ``centre * k0 + (left + right) * k1`` in float32.
+    The float32 rounding matters: the kernel sums to slightly more than 1 (e.g. 1 + 1.8e-8
+    at severity 4), which decides the reference's truncation to 8 bits in flat regions.
+    Checked bit for bit against OpenCV (tests). Returned as float64 (exact copies).
     """
     half = 8 if radius <= 8 else int(radius)
-    grid = np.arange(-half, half + 1, dtype=np.float64)
+    grid = np.arange(-half, half + 1)
     yy, xx = np.meshgrid(grid, grid, indexing="ij")
-    disk = (xx**2 + yy**2 <= radius**2).astype(np.float64)
-    disk /= disk.sum()
+    disk = (xx**2 + yy**2 <= radius**2).astype(np.float32)
+    disk /= np.sum(disk)
     ksize = 3 if radius <= 8 else 5
     offsets = np.arange(ksize, dtype=np.float64) - (ksize - 1) / 2
-    taps = np.exp(-(offsets**2) / (2.0 * alias_sigma**2))
-    taps /= taps.sum()
-    index = _filters.extend_index(disk.shape[0], ksize // 2, ksize // 2, "reflect101")
-    padded = disk[index][:, index]
-    blurred = sum(taps[i] * padded[i : i + disk.shape[0]] for i in range(ksize))
-    blurred = sum(taps[i] * blurred[:, i : i + disk.shape[1]] for i in range(ksize))
-    nonzero = np.nonzero(np.abs(blurred).max(axis=0) > 0)[0]
-    r = int(max(abs(nonzero[0] - half), abs(nonzero[-1] - half)))
-    return blurred[half - r : half + r + 1, half - r : half + r + 1]
+    raw = np.exp((-0.5 / (alias_sigma * alias_sigma)) * offsets * offsets).astype(np.float32)
+    scale = 1.0 / sum(float(t) for t in raw)
+    taps = (raw.astype(np.float64) * scale).astype(np.float32)
+    centre = ksize // 2
+    index = _filters.extend_index(disk.shape[0], centre, centre, "reflect101")
+    n = disk.shape[0]
+
+    def smooth(a: np.ndarray, axis: int) -> np.ndarray:
+        padded = np.take(a, index, axis=axis)
+        window = lambda k: np.take(padded, np.arange(k, k + n), axis=axis)  # noqa: E731
+        out = window(centre) * taps[centre]
+        for j in range(1, centre + 1):
+            out = out + (window(centre - j) + window(centre + j)) * taps[centre + j]
+        return out.astype(np.float32)
+
+    return smooth(smooth(disk, 1), 0).astype(np.float64)
 
 
 @register("defocus_blur")
 def defocus_blur(x: torch.Tensor, severity: int, rng: SampleRandom) -> torch.Tensor:
-    """Convolution with an anti-aliased disk, reflect-101 border (§9.1 item 4)."""
-    kernel = torch.from_numpy(defocus_kernel(*DEFOCUS[severity - 1]))
-    return _filters.conv2d_same(x, kernel, "reflect101").clamp_(0.0, 1.0)
+    """Correlation with the anti-aliased disk, reflect-101 border (§9.1 item 4).
+
+    Summed tap by tap like OpenCV's direct ``filter2D`` (see
+    :func:`~benchmarks.corruptions._filters.correlate_taps`), in the dtype of ``x``.
+    """
+    kernel = defocus_kernel(*DEFOCUS[severity - 1])
+    return _filters.correlate_taps(x, kernel, "reflect101").clamp_(0.0, 1.0)
 
 
 @register("glass_blur")
@@ -62,7 +77,8 @@ def glass_blur(x: torch.Tensor, severity: int, rng: SampleRandom) -> torch.Tenso
     The first blur is truncated to 8-bit levels as in the reference. On flat regions the
     blurred value sits within float64 rounding noise of an 8-bit level, so the truncation
     depends on the exact arithmetic: both blurs are therefore computed in float64 with
-    SciPy's summation order (see :func:`scipy_gaussian_float64`) on the 8-bit input levels,
+    SciPy's summation order (see :func:`~benchmarks.corruptions._filters.scipy_gaussian`)
+    on the 8-bit input levels,
     which reproduces the reference's truncation for 8-bit images.
 
     The reference then scans the pixels in place, from the bottom-right to the top-left
@@ -79,38 +95,11 @@ def glass_blur(x: torch.Tensor, severity: int, rng: SampleRandom) -> torch.Tenso
     if delta != 1:
         raise ValueError("the vectorised glass blur is exact only for delta == 1")
     levels = torch.floor(x.clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.float64)
-    blurred = scipy_gaussian_float64(levels / 255.0, sigma)
+    blurred = _filters.scipy_gaussian(levels / 255.0, sigma, mode="edge")
     y = torch.floor(blurred * 255.0)  # np.uint8 truncation of float64 values in [0, 255]
     for iteration in range(iterations):
         y = _copy_neighbours(y, rng, stream=iteration)
-    return scipy_gaussian_float64(y / 255.0, sigma).to(x.dtype).clamp_(0.0, 1.0)
-
-
-def scipy_gaussian_float64(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """``skimage.filters.gaussian`` (SciPy ``gaussian_filter``, ``mode="nearest"``) in float64.
-
-    Reproduces SciPy's arithmetic order for symmetric kernels: per axis (H, then W), the
-    centre tap first, then the symmetric pairs ``(x[-j] + x[+j]) * w[j]`` from the outermost
-    ``j`` inwards. The result is then bit-identical to SciPy's for the same float64 input.
-    """
-    taps = _filters.gaussian_taps(float(sigma), 4.0)
-    radius = len(taps) // 2
-    out = x.to(torch.float64)
-    for dim in (-2, -1):
-        n = out.shape[dim]
-        if dim == -2:
-            padded = _filters.pad(out, radius, radius, 0, 0, "edge")
-        else:
-            padded = _filters.pad(out, 0, 0, radius, radius, "edge")
-
-        def window(offset: int) -> torch.Tensor:
-            return padded.narrow(dim, radius + offset, n)
-
-        total = window(0) * taps[radius]
-        for j in range(radius, 0, -1):
-            total = total + (window(-j) + window(j)) * taps[radius + j]
-        out = total
-    return out
+    return _filters.scipy_gaussian(y / 255.0, sigma, mode="edge").to(x.dtype).clamp_(0.0, 1.0)
 
 
 def _copy_neighbours(x: torch.Tensor, rng: SampleRandom, stream: int) -> torch.Tensor:
@@ -136,7 +125,7 @@ def motion_blur(x: torch.Tensor, severity: int, rng: SampleRandom) -> torch.Tens
     """
     radius, sigma = MOTION[severity - 1]
     angle = rng.uniform((), stream=0) * 90.0 - 45.0
-    return _filters.quantize(_filters.motion_blur(x, radius, sigma, angle))
+    return _filters.quantize(_filters.motion_blur(x, radius, sigma, angle), x.dtype)
 
 
 def zoom_factors(severity: int) -> np.ndarray:
@@ -144,32 +133,27 @@ def zoom_factors(severity: int) -> np.ndarray:
     return np.arange(1.0, ZOOM_END[severity - 1], 0.01)
 
 
-_DENSE_ZOOM_MAX_PIXELS = 1024  # up to 32x32 the whole blur is one (HW x HW) matrix (4 MB)
-
-
-@lru_cache(maxsize=16)
-def zoom_blur_operator(h: int, w: int, severity: int, device: str = "cpu") -> torch.Tensor:
-    """``(I + sum_z Zh(z) (x) Zw(z)) / (n + 1)``: zoom blur of a flattened ``h x w`` image."""
-    total = np.eye(h * w)
-    for factor in zoom_factors(severity):
-        total += np.kron(_filters.clipped_zoom_matrix(h, float(factor)), _filters.clipped_zoom_matrix(w, float(factor)))
-    total /= len(zoom_factors(severity)) + 1
-    return torch.from_numpy(total.astype(np.float32)).to(device)
-
-
 @register("zoom_blur")
 def zoom_blur(x: torch.Tensor, severity: int, rng: SampleRandom) -> torch.Tensor:
     """Mean of the image and its centre zooms by every factor (§9.1 item 7).
 
-    Every zoom is linear, so for small images the mean of all of them is precomputed as a
-    single matrix on the flattened image; larger images use two small products per factor.
+    In float32, as the reference: every zoom is SciPy's float64 order-1 interpolation of the
+    float32 image (see :func:`~benchmarks.corruptions._filters.clipped_zoom`) rounded to
+    float32, the zooms are accumulated one by one in float32 in factor order, then
+    ``(x + sum) / (n + 1)``. Every step is element-wise, so a sample's result does not
+    depend on the batch (a single matrix product would: BLAS blocks its sums by the batch
+    size). The pixels are laid out as rows of ``(H*W, B*C)`` so that each neighbour gather
+    copies whole rows.
     """
     b, c, h, w = x.shape
-    if h * w <= _DENSE_ZOOM_MAX_PIXELS:
-        operator = zoom_blur_operator(h, w, severity, str(x.device))
-        return _filters.matmul(x.reshape(b * c, h * w), operator.T, x).view(b, c, h, w).clamp_(0.0, 1.0)
     factors = zoom_factors(severity)
-    acc = x.clone()
+    x32 = x.to(torch.float32).reshape(b * c, h * w).T
+    pixels = x32.to(torch.float64).contiguous()
+    acc = torch.zeros_like(x32)
     for factor in factors:
-        acc += _filters.clipped_zoom(x, float(factor))
-    return acc.div_(len(factors) + 1).clamp_(0.0, 1.0)
+        index, weight_r, weight_c = _filters.clipped_zoom_gather(h, w, float(factor), x.device)
+        terms = pixels.index_select(0, index.view(-1)).view(4, h * w, b * c) * weight_r[..., None] * weight_c[..., None]
+        zoomed = ((terms[0] + terms[1]) + terms[2]) + terms[3]
+        acc = acc + zoomed.to(torch.float32)
+    out = (x32 + acc) / float(len(factors) + 1)
+    return out.T.reshape(b, c, h, w).clamp_(0.0, 1.0)

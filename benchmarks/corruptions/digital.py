@@ -49,9 +49,67 @@ def affine_source_points(h: int, w: int) -> np.ndarray:
     """The reference's three anchor points ``(x, y)``: centre +-(size // 3), float32 like it."""
     centre = np.float32([h, w]) // 2
     side = min(h, w) // 3
-    return np.array(
-        [centre + side, [centre[0] + side, centre[1] - side], centre - side], dtype=np.float64
-    )
+    return np.array([centre + side, [centre[0] + side, centre[1] - side], centre - side], dtype=np.float32)
+
+
+def opencv_affine_transform(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """OpenCV's ``getAffineTransform`` for a batch: ``(B, 3, 2)`` point pairs -> ``(B, 2, 3)``.
+
+    OpenCV writes the six equations ``u_i = a x_i + b y_i + c`` and ``v_i = d x_i + e y_i +
+    f`` as one 6x6 system (rows ``u_0, v_0, u_1, ...``) and solves it in float64 with its
+    own small-matrix LU: partial pivoting on the first strictly largest ``|pivot|``,
+    ``alpha = A[j, i] * (-1 / A[i, i])``, ``A[j, k] += alpha * A[i, k]``, then back
+    substitution ``s -= A[i, k] * b[k]`` for increasing ``k`` and ``b[i] = s * (1 /
+    A[i, i])``. The same operations run here element-wise over the batch (a loop over
+    the 6 matrix rows, not over samples), so the map matches OpenCV to the last bit and
+    the 1/1024-pixel roundings of the warp that follows agree. ``src``/``dst`` hold float32
+    values (OpenCV's ``Point2f``), used as float64.
+    """
+    b = src.shape[0]
+    src, dst = src.to(torch.float64), dst.to(torch.float64)
+    a = torch.zeros(b, 6, 6, dtype=torch.float64, device=src.device)
+    rhs = torch.zeros(b, 6, dtype=torch.float64, device=src.device)
+    for i in range(3):
+        a[:, 2 * i, 0:2] = src[:, i]
+        a[:, 2 * i, 2] = 1.0
+        a[:, 2 * i + 1, 3:5] = src[:, i]
+        a[:, 2 * i + 1, 5] = 1.0
+        rhs[:, 2 * i] = dst[:, i, 0]
+        rhs[:, 2 * i + 1] = dst[:, i, 1]
+    batch = torch.arange(b, device=src.device)
+    for i in range(6):
+        pivot = torch.full((b,), i, dtype=torch.int64, device=src.device)
+        for j in range(i + 1, 6):
+            larger = a[:, j, i].abs() > a[batch, pivot, i].abs()
+            pivot = torch.where(larger, torch.full_like(pivot, j), pivot)
+        rows = torch.arange(6, device=src.device).expand(b, 6).clone()
+        rows[batch, pivot] = i
+        rows[:, i] = pivot
+        a = a[batch[:, None], rows]
+        rhs = rhs[batch[:, None], rows]
+        d = -1.0 / a[:, i, i]
+        for j in range(i + 1, 6):
+            alpha = a[:, j, i] * d
+            a[:, j, i + 1 :] = a[:, j, i + 1 :] + alpha[:, None] * a[:, i, i + 1 :]
+            rhs[:, j] = rhs[:, j] + alpha * rhs[:, i]
+        a[:, i, i] = -d
+    for i in range(5, -1, -1):
+        total = rhs[:, i]
+        for k in range(i + 1, 6):
+            total = total - a[:, i, k] * rhs[:, k]
+        rhs[:, i] = total * a[:, i, i]
+    return rhs.view(b, 2, 3)
+
+
+def opencv_invert_affine(m: torch.Tensor) -> torch.Tensor:
+    """OpenCV's ``invertAffineTransform`` (what ``warpAffine`` applies), ``(B, 2, 3)`` float64."""
+    m0, m1, m2, m3, m4, m5 = m.reshape(-1, 6).unbind(1)
+    det = m0 * m4 - m1 * m3
+    det = torch.where(det != 0, 1.0 / det, torch.zeros_like(det))
+    a11, a22, a12, a21 = m4 * det, m0 * det, -m1 * det, -m3 * det
+    b1 = -a11 * m2 - a12 * m5
+    b2 = -a21 * m2 - a22 * m5
+    return torch.stack((a11, a12, b1, a21, a22, b2), dim=1).view(-1, 2, 3)
 
 
 def _opencv_affine_coords(inverse: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,6 +118,7 @@ def _opencv_affine_coords(inverse: torch.Tensor, h: int, w: int) -> tuple[torch.
     OpenCV evaluates the inverse map in fixed point: both terms are rounded to 1/1024 px,
     then the sum is rounded to 1/32 px (``INTER_BITS = 5``), which also fixes the bilinear
     weights to multiples of 1/32. ``inverse``: ``(B, 2, 3)`` float64 destination -> source.
+    Returned as float32 (exact: multiples of 1/32 of small numbers).
     """
     ys = torch.arange(h, device=inverse.device, dtype=torch.float64).view(1, h, 1)
     xs = torch.arange(w, device=inverse.device, dtype=torch.float64).view(1, 1, w)
@@ -68,39 +127,45 @@ def _opencv_affine_coords(inverse: torch.Tensor, h: int, w: int) -> tuple[torch.
     y_fixed = torch.round((m[:, 4] * ys + m[:, 5]) * 1024) + torch.round(m[:, 3] * xs * 1024) + 16
     cols = torch.floor(x_fixed / 32) / 32
     rows = torch.floor(y_fixed / 32) / 32
-    return rows, cols
+    return rows.to(torch.float32), cols.to(torch.float32)
 
 
 @register("elastic_transform")
 def elastic_transform(x: torch.Tensor, severity: int, rng: SampleRandom) -> torch.Tensor:
     """Random affine warp, then smooth random displacement (§9.1 item 13, CIFAR variant).
 
-    Affine: the three anchor points moved by ``U(-affine, affine)`` each define the map
-    (OpenCV ``getAffineTransform``); the image is resampled bilinearly with reflect-101
-    border at OpenCV's 1/32-pixel positions. Displacement: two ``U(-1, 1)`` fields smoothed
-    by a Gaussian (``sigma``, SciPy ``reflect`` border, truncate 3) and scaled by ``alpha``;
-    the image is resampled bilinearly at ``(row + dy, col + dx)`` with SciPy's ``reflect``
-    (edge-repeating) border, as ``map_coordinates(order=1)``. Severity 1 has ``alpha = 0``.
+    Follows the reference's arithmetic, which is float32 in places:
+
+    * Affine: the three float32 anchor points plus ``U(-affine, affine)`` jitter cast to
+      float32 and added in float32 (the reference's ``pts1 + uniform(...).astype(float32)``)
+      define the map (OpenCV ``getAffineTransform``, :func:`opencv_affine_transform`). The
+      float32 image is resampled as OpenCV 4's ``warpAffine`` does: positions in fixed point
+      (1/32 px), reflect-101 border, float32 bilinear sums
+      (:func:`~benchmarks.corruptions._filters.remap_bilinear_opencv`).
+    * Displacement: two ``U(-1, 1)`` fields smoothed in float64 by SciPy's Gaussian
+      (``sigma``, ``reflect`` border, truncate 3), scaled by ``alpha`` and cast to float32;
+      the warped image is resampled at ``(row + dy, col + dx)`` like SciPy's
+      ``map_coordinates(order=1, mode="reflect")`` (float64 sums, float32 result).
+
+    Severity 1 has ``alpha = 0`` (affine only). Returns float32, the reference's precision.
     """
     alpha, sigma, affine = ELASTIC[severity - 1]
     b, _, h, w = x.shape
-    src = torch.from_numpy(affine_source_points(h, w)).to(x.device)
-    jitter = rng.uniform((3, 2), stream=0).to(torch.float64) * (2 * affine) - affine
-    dst = src + jitter
-    system = torch.cat((src, torch.ones(3, 1, dtype=torch.float64, device=x.device)), dim=1)
-    forward = torch.linalg.solve(system, dst).transpose(1, 2)  # (B, 2, 3): src -> dst
-    linear_inv = torch.linalg.inv(forward[:, :, :2])
-    shift_inv = -(linear_inv @ forward[:, :, 2:])
-    rows, cols = _opencv_affine_coords(torch.cat((linear_inv, shift_inv), dim=2), h, w)
-    warped = _filters.bilinear_sample(x, rows.to(x.dtype), cols.to(x.dtype), "reflect101")
+    src = torch.from_numpy(affine_source_points(h, w)).to(x.device).expand(b, 3, 2)
+    jitter = (-affine + (2 * affine) * rng.uniform((3, 2), stream=0).to(torch.float64)).to(torch.float32)
+    dst = src + jitter  # float32, as the reference
+    inverse = opencv_invert_affine(opencv_affine_transform(src, dst))
+    rows, cols = _opencv_affine_coords(inverse, h, w)
+    warped = _filters.remap_bilinear_opencv(x.to(torch.float32), rows, cols, "reflect101")
     if alpha == 0:
         return warped.clamp_(0.0, 1.0)
-    fields = rng.uniform((2, h, w), stream=1) * 2.0 - 1.0
-    shift = _filters.gaussian_filter(fields, sigma, mode="symmetric", truncate=3.0) * alpha
-    shift = shift.to(torch.float32)
-    grid_r = torch.arange(h, device=x.device, dtype=torch.float32).view(1, h, 1)
-    grid_c = torch.arange(w, device=x.device, dtype=torch.float32).view(1, 1, w)
-    out = _filters.bilinear_sample(warped, grid_r + shift[:, 1], grid_c + shift[:, 0], "symmetric")
+    fields = -1.0 + 2.0 * rng.uniform((2, h, w), stream=1).to(torch.float64)
+    shift = (_filters.scipy_gaussian(fields, sigma, mode="symmetric", truncate=3.0) * alpha).to(torch.float32)
+    grid_r = torch.arange(h, device=x.device, dtype=torch.float64).view(1, h, 1)
+    grid_c = torch.arange(w, device=x.device, dtype=torch.float64).view(1, 1, w)
+    rows = grid_r + shift[:, 1].to(torch.float64)
+    cols = grid_c + shift[:, 0].to(torch.float64)
+    out = _filters.map_coordinates_scipy(warped, rows, cols).to(torch.float32)
     return out.clamp_(0.0, 1.0)
 
 
@@ -167,7 +232,7 @@ def pixelate(x: torch.Tensor, severity: int, rng: SampleRandom) -> torch.Tensor:
     h, w = x.shape[-2:]
     levels = torch.floor(x.clamp(0.0, 1.0) * 255.0 + 0.5).view(-1, h, w)
     small = pillow_box_resize(levels, int(h * c), int(w * c))
-    return (pillow_box_resize(small, h, w) / 255.0).to(x.dtype).view_as(x)
+    return (pillow_box_resize(small, h, w).to(x.dtype) / 255.0).view_as(x)
 
 
 @register("jpeg_compression")

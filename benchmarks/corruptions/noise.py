@@ -51,7 +51,7 @@ def shot_noise(x: torch.Tensor, severity: int, rng: SampleRandom) -> torch.Tenso
         counts[grid] = _poisson_8bit(levels[grid], u[grid], c)
         rows, cols = torch.nonzero(~on_grid, as_tuple=True)
         counts[rows, cols] = poisson_sample(flat[rows, cols] * c, u[rows, cols], rows, cols, rng, stream=1)
-    return (counts / c).clamp_(0.0, 1.0).view_as(x)
+    return (counts.to(x.dtype) / c).clamp_(0.0, 1.0).view_as(x)
 
 
 # Inversion of the Poisson CDF for the 256 rates k * photons / 255 (8-bit inputs), exact for the

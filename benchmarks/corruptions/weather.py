@@ -42,20 +42,22 @@ def snow(x: torch.Tensor, severity: int, rng: SampleRandom) -> torch.Tensor:
     Snow layer: ``N(loc, scale^2)`` per pixel, centre zoom, values below ``threshold`` set
     to 0, clip, truncate to 8 bits (the reference makes an 8-bit PIL image of it), motion
     blur along an angle in [-135, -45] degrees and round to 8 bits (the ImageMagick PNG
-    round trip). The image is first brightened towards ``1.5 * gray + 0.5``.
+    round trip). The image is first brightened towards ``1.5 * gray + 0.5``; that part is
+    float32 in the reference (a float32 image, OpenCV's float32 gray), the layer float64.
     """
     loc, scale, zoom, threshold, radius, sigma, blend = SNOW[severity - 1]
     b, _, h, w = x.shape
     layer = loc + scale * rng.normal((1, h, w), stream=0)
-    layer = _filters.clipped_zoom(layer, zoom)
+    layer = _filters.clipped_zoom(layer, zoom)  # float64, as the reference's layer
     layer = torch.where(layer < threshold, torch.zeros_like(layer), layer)
-    layer = _filters.truncate_uint8_levels(layer)
+    layer = _filters.truncate_uint8_levels(layer).to(torch.float32)
     angle = rng.uniform((), stream=1) * 90.0 - 135.0
-    layer = _filters.quantize(_filters.motion_blur(layer, radius, sigma, angle))
-    weights = torch.tensor(_GRAY, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    gray = (x * weights).sum(dim=1, keepdim=True)
-    x = blend * x + (1.0 - blend) * torch.maximum(x, gray * 1.5 + 0.5)
-    return (x + layer + layer.flip(-2, -1)).clamp_(0.0, 1.0)
+    layer = _filters.quantize(_filters.motion_blur(layer, radius, sigma, angle), x.dtype)
+    x32 = x.to(torch.float32)
+    # the three channel terms summed in a fixed order (a reduction could reorder them)
+    gray = x32[:, 0:1] * _GRAY[0] + x32[:, 1:2] * _GRAY[1] + x32[:, 2:3] * _GRAY[2]
+    x32 = blend * x32 + (1.0 - blend) * torch.maximum(x32, gray * 1.5 + 0.5)
+    return (x32.to(x.dtype) + layer + layer.flip(-2, -1)).clamp_(0.0, 1.0)
 
 
 def frost_directory() -> Path:
@@ -133,6 +135,11 @@ def frost(x: torch.Tensor, severity: int, rng: SampleRandom) -> torch.Tensor:
     cols = left[:, None] + torch.arange(w, device=x.device)
     crop = textures[which[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, 3)
     crop = crop.permute(0, 3, 1, 2)
+    if x.dtype == torch.float64:
+        # the reference blends 8-bit levels in float64 (0..255 units): same arithmetic here
+        levels = torch.floor(x.clamp(0.0, 1.0) * 255.0 + 0.5)
+        blended = a * levels + weight * torch.round(crop.to(torch.float64) * 255.0)
+        return blended.clamp_(0.0, 255.0) / 255.0
     return (a * x + weight * crop).clamp_(0.0, 1.0)
 
 

@@ -58,9 +58,10 @@ class StreamConfig:
             domains present the same image order, as in the official loaders, §9.3).
         corruption_seed: seed of the on-the-fly corruption randomness. It is separate from
             ``seed`` because the official corrupted files are fixed while run seeds vary.
-        quantize: round generated corruptions to 8 bits the way the official generator
-            stores its files (clip, ``x * 255``, truncate; §9.1), so generated and file
-            streams hold the same kind of values. Off by default (float output).
+        quantize: store generated corruptions as 8-bit values the way the official generator
+            does (clip, ``x * 255``, truncate, at the generator's float precision; §9.1 and
+            :func:`benchmarks.corruptions.corrupt_uint8`), so generated and file streams hold
+            the same kind of values. Off by default (float output).
         device: device on which batches are built and corrupted.
         dirichlet_min_chunk: minimum samples per Dirichlet chunk (10 in the official code).
         dirichlet_timeout_s: give up the Dirichlet retry loop after this long (120 s).

@@ -212,12 +212,20 @@ class Stream:
         self, images: torch.Tensor, domain: str, severity: int, sample_ids: np.ndarray
     ) -> torch.Tensor:
         ids = self._device_rows(sample_ids)
-        out = self._corrupt()(images, domain, severity, seed=self.config.corruption_seed, sample_ids=ids)
-        if self.config.quantize:
+        seed = self.config.corruption_seed
+        if not self.config.quantize:
+            return self._corrupt()(images, domain, severity, seed=seed, sample_ids=ids)
+        if self._corrupt_fn is None:
+            # the official files' exact 8-bit values (truncating the float32 output of
+            # corrupt would land one level off for a few percent of some corruptions)
+            from benchmarks.corruptions import corrupt_uint8
+
+            levels = corrupt_uint8(images, domain, severity, seed=seed, sample_ids=ids)
+        else:
             from benchmarks.corruptions import to_uint8
 
-            out = to_uint8(out).float().div_(255.0)
-        return out
+            levels = to_uint8(self._corrupt_fn(images, domain, severity, seed=seed, sample_ids=ids))
+        return levels.float().div_(255.0)
 
     def _device_rows(self, rows: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)).to(self.device)

@@ -351,6 +351,21 @@ def test_real_corruptions_are_deterministic_per_sample():
     assert not torch.equal(a, clean)
 
 
+def test_quantized_real_stream_holds_the_reference_8bit_values():
+    from benchmarks.corruptions import corrupt, corrupt_uint8, to_uint8
+
+    config = StreamConfig(dataset="digits", domains=("brightness",), severities=(4,), n_examples=32, batch_size=16)
+    clean = list(build_stream(config.replace(domains=("clean",))))
+    quantized = list(build_stream(config.replace(quantize=True)))
+    truncated_float32 = 0
+    for c, q in zip(clean, quantized):
+        expected = corrupt_uint8(c.images, "brightness", 4, seed=config.corruption_seed, sample_ids=c.sample_ids)
+        assert torch.equal(q.images, expected.float() / 255.0)
+        float_path = to_uint8(corrupt(c.images, "brightness", 4, seed=config.corruption_seed, sample_ids=c.sample_ids))
+        truncated_float32 += int((float_path != expected).sum())
+    assert truncated_float32 > 0  # the float32 route would have stored other values
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_stream_matches_cpu_stream():
     cpu = make_stream(schedule="mixed", n_examples=30)
