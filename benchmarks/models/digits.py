@@ -8,12 +8,12 @@ import logging
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.data.digits import load_digits
 from benchmarks.models.cache import atomic_torch_save, cache_dir
 from benchmarks.models.layers import norm_layer
+from benchmarks.training.trainer import TrainConfig, train_classifier
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,13 @@ class DigitsCNN(nn.Module):
 
 @dataclass(frozen=True)
 class DigitsTrainConfig:
+    """The digits source model's options (the ``model.kwargs`` of the ``digits`` preset).
+
+    Training is the shared recipe of :func:`benchmarks.training.train_classifier`;
+    :meth:`train_config` fills in the digits-specific part (shifts of up to 2 pixels with
+    zero padding, no flips, fp32).
+    """
+
     norm: str = "bn"
     width: int = 32
     epochs: int = 30
@@ -58,54 +65,32 @@ class DigitsTrainConfig:
     seed: int = 0
     size: int = 32
 
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(
+            epochs=self.epochs, batch_size=self.batch_size, optimizer="sgd", lr=self.lr, weight_decay=self.weight_decay,
+            warmup_fraction=0.3, crop_padding=2, flip=False, padding_mode="zeros", amp="none", channels_last=False,
+            eval_every=10, seed=self.seed,
+        )
+
     def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        # The full recipe is part of the key: a change of the shared trainer's settings
+        # retrains instead of reusing a model trained another way.
+        blob = json.dumps({**asdict(self), "recipe": asdict(self.train_config())}, sort_keys=True).encode()
         return hashlib.sha1(blob).hexdigest()[:12]
 
 
-def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random shifts of up to 2 pixels per image (zero padding, then a per-sample crop)."""
-    pad = 2
-    n, c, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    rows = (dy[:, None] + torch.arange(h)).view(n, 1, h, 1).expand(n, c, h, w + 2 * pad)
-    cols = (dx[:, None] + torch.arange(w)).view(n, 1, 1, w).expand(n, c, h, w)
-    return padded.gather(2, rows).gather(3, cols)
-
-
 def train_digits_model(config: DigitsTrainConfig = DigitsTrainConfig(), *, progress: bool = False) -> tuple[DigitsCNN, float]:
-    """Train a :class:`DigitsCNN` on the clean digits training split; returns (model, test acc)."""
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
+    """Train a :class:`DigitsCNN` on the clean digits training split; returns (model, test acc).
+
+    ``progress``: a tqdm bar; a log line per epoch is written either way (logger
+    ``benchmarks.training.trainer``, level INFO).
+    """
     train = load_digits("train", config.size)
     test = load_digits("test", config.size)
-    x_train, y_train = train.to_tensor(), torch.from_numpy(train.labels)
+    torch.manual_seed(config.seed)
     model = DigitsCNN(train.num_classes, config.width, config.norm)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay, nesterov=True)
-    steps_per_epoch = -(-len(train) // config.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=config.epochs * steps_per_epoch)
-    epochs = range(config.epochs)
-    if progress:
-        from tqdm import tqdm
-
-        epochs = tqdm(epochs, desc="training digits source model", leave=False)
-    model.train()
-    for _ in epochs:
-        order = torch.randperm(len(train), generator=generator)
-        for start in range(0, len(train), config.batch_size):
-            index = order[start : start + config.batch_size]
-            inputs = _augment(x_train[index], generator)
-            loss = F.cross_entropy(model(inputs), y_train[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-    model.eval()
-    with torch.no_grad():
-        accuracy = (model(test.to_tensor()).argmax(1) == torch.from_numpy(test.labels)).float().mean().item()
-    return model, accuracy
+    result = train_classifier(model, train, test, config.train_config(), progress=progress)
+    return model.eval(), result.clean_accuracy
 
 
 def digits_source_model(config: DigitsTrainConfig = DigitsTrainConfig(), *, progress: bool = False) -> DigitsCNN:
@@ -119,6 +104,7 @@ def digits_source_model(config: DigitsTrainConfig = DigitsTrainConfig(), *, prog
             return model.eval()
         except Exception as error:  # a corrupt cache entry is retrained, not fatal
             logger.warning("ignoring unreadable cached model %s (%s)", path, error)
+    logger.info("training the digits source model (first use; %d epochs), cached as %s", config.epochs, path)
     model, accuracy = train_digits_model(config, progress=progress)
     logger.info("trained digits source model: clean test accuracy %.3f", accuracy)
     atomic_torch_save({"state_dict": model.state_dict(), "config": asdict(config), "clean_accuracy": accuracy}, path)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.data.base import ImageArrays
-from benchmarks.training.augment import random_crop_flip
+from benchmarks.training.augment import PADDING_MODES, random_crop_flip
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ class TrainConfig:
     warmup_fraction: float = 0.15  # share of the steps spent rising to the peak
     label_smoothing: float = 0.0
     crop_padding: int = 4
+    flip: bool = True  # random horizontal flips (off for digits)
+    padding_mode: str = "reflect"  # of the random crop: "reflect" (CIFAR) or "zeros" (digits)
     amp: str = "bf16"  # "none", "bf16" or "fp16" (fp16 only on CUDA)
     channels_last: bool = True
     eval_every: int = 5  # epochs between test evaluations (the last epoch is always evaluated)
@@ -49,6 +51,8 @@ class TrainConfig:
             raise ValueError("epochs, batch_size and eval_batch_size must be >= 1")
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
+        if self.padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {self.padding_mode!r}")
         if self.amp not in _AMP_DTYPES:
             raise ValueError(f"amp must be one of {sorted(_AMP_DTYPES)}, got {self.amp!r}")
         if not 0.0 < self.warmup_fraction < 1.0:
@@ -169,7 +173,10 @@ def train_classifier(
         correct = torch.zeros((), dtype=torch.long, device=device)
         for start in range(0, len(labels), config.batch_size):
             index = order[start : start + config.batch_size]
-            inputs = _as_input(random_crop_flip(images[index], config.crop_padding, generator), config.channels_last)
+            augmented = random_crop_flip(
+                images[index], config.crop_padding, generator, flip=config.flip, padding_mode=config.padding_mode
+            )
+            inputs = _as_input(augmented, config.channels_last)
             targets = labels[index]
             with _autocast(device, config.amp):
                 logits = model(inputs)
@@ -196,7 +203,11 @@ def train_classifier(
             )
         record["seconds"] = time.perf_counter() - started
         history.append(record)
-        logger.info("epoch %s", {k: round(v, 4) for k, v in record.items()})
+        # A progress line per epoch: the only sign of life when no terminal shows the bar.
+        logger.info(
+            "%s epoch %d/%d: %s", type(model).__name__, epoch + 1, config.epochs,
+            ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"),
+        )
         if bar is not None:
             bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("train_loss", "test_accuracy")})
         if on_epoch is not None:

@@ -1,8 +1,8 @@
 """``python -m continual.harness submission=<file> [key=value ...]``: run, score, record.
 
 Keys are the fields of :class:`continual.harness.config.HarnessConfig`; see
-docs/COMPETITION.md. Exit status 0 when the submission was scored, 1 when it failed (the
-failure is recorded), 2 for a bad command line.
+docs/COMPETITION.md. Exit status 0 when the submission was scored (or for ``--help``), 1
+when it failed (the failure is recorded), 2 for a bad command line.
 """
 
 from __future__ import annotations
@@ -26,8 +26,11 @@ def _protect_memory() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else argv
-    if not arguments or arguments[0] in ("-h", "--help"):
+    if arguments and arguments[0] in ("-h", "--help"):
         print(__doc__)
+        return 0
+    if not arguments:
+        print(__doc__, file=sys.stderr)
         return 2
     try:
         config = parse_overrides(arguments)
@@ -35,10 +38,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     _protect_memory()
-    record = run_competition(config, progress=sys.stderr.isatty())
+    if config.tuning_benchmark:
+        from continual.harness.tuning import run_two_phase
+
+        record = run_two_phase(config, progress=True)
+    else:
+        record = run_competition(config, progress=True)  # a bar on a terminal, lines in logs
     if record["status"] == "ok":
         metrics = ", ".join(f"{k} {100 * v:.2f}" for k, v in record["metrics"].items() if k.startswith(("A_", "F_")) and v is not None)
         print(f"{record['name']}: {metrics} ({record['run_s']:.1f} s)")
+        if record.get("tuning"):
+            tuning = record["tuning"]
+            print(f"frozen values {tuning['best_hparams']}, tuning {tuning['criterion']} "
+                  f"{100 * tuning['best_metrics'][tuning['criterion']]:.2f} ({len(tuning['trials'])} points, {tuning['spent_s']:.0f} s)")
     else:
         print(f"{record['name']}: {record['status']}: {record['reason']}")
     print(f"record: {record['record']}\nleaderboard: {config.results_dir}/leaderboard.md")

@@ -5,16 +5,16 @@ from __future__ import annotations
 import hashlib
 import platform
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from continual.harness.config import HarnessConfig
-from continual.harness.records import ResultsStore
+from continual.harness.records import ResultsStore, track_of
 from continual.harness.scoring import score
 from continual.harness.supervisor import Outcome, run_submission
-from continual.harness.task import CompetitionTask, build_task
+from continual.harness.task import CompetitionTask, ScenarioMismatch, build_task
 
 _LOG_TAIL_BYTES = 256 * 1024
 
@@ -32,13 +32,39 @@ def _check_file(path: Path) -> str:
     return ""
 
 
+def load_task(config: HarnessConfig) -> tuple[HarnessConfig, CompetitionTask]:
+    """The task of ``config`` and the config with the settings of its scenario folder, if any.
+
+    Raises:
+        ScenarioMismatch: the scenario folder does not match its manifest.
+    """
+    if not config.scenario_dir:
+        return config, build_task(config)
+    from continual.harness.scenario_files import load_scenario
+
+    task, settings = load_scenario(config.scenario_dir)
+    # The folder's labels file must never be readable by the submission.
+    protected = [*config.protected_paths, str(Path(config.scenario_dir).resolve())]
+    return replace(config, **settings, protected_paths=protected), task
+
+
 def run_competition(
-    config: HarnessConfig, progress: bool = True, task: CompetitionTask | None = None
+    config: HarnessConfig,
+    progress: bool = True,
+    task: CompetitionTask | None = None,
+    hparams: dict[str, Any] | None = None,
+    store_record: bool = True,
 ) -> dict[str, Any]:
     """Run ``config.submission`` and return (and store) its record.
 
-    ``task`` may be given to reuse one stream for several submissions (tests). Submission
-    failures never raise: they are recorded with their status and reason.
+    ``progress``: a bar when stderr is a terminal, otherwise one line per evaluation point on
+    stderr. ``task`` may be given to reuse one stream for several submissions (tests and the
+    tuning phase). ``hparams`` are handed to the submission as ``context.hparams``.
+    ``store_record=False`` returns the record without publishing it (tuning trials). The
+    scenario and its hidden labels are checked against their checksums (recorded ones, and
+    published ones in the config) before the run and again before scoring; a mismatch is
+    recorded as ``invalid_scenario`` and never scored. Submission failures never raise:
+    they are recorded with their status and reason.
     """
     config.validate()
     store = ResultsStore(config.results_dir)
@@ -49,27 +75,41 @@ def run_competition(
         "name": config.display_name,
         "submission": str(path),
         "config": {**asdict(config), "submission": str(path)},
+        "hparams": dict(hparams or {}),
         "started_at": _now(),
         "host": {"python": platform.python_version(), "machine": platform.machine()},
     }
     problem = _check_file(path)
+    log = b""
     if problem:
         outcome = Outcome(status="invalid_submission", reason=problem)
-        log = b""
     else:
         record["submission_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
-        task = task if task is not None else build_task(config)
-        run_config = HarnessConfig(**{**asdict(config), "submission": str(path)})
-        with tempfile.TemporaryDirectory(prefix="cl-harness-") as folder:
-            scratch, log_path = Path(folder) / "scratch", Path(folder) / "submission.log"
-            outcome = run_submission(run_config, task, scratch, log_path, progress=progress)
-            raw = log_path.read_bytes() if log_path.exists() else b""
-            log = raw[-_LOG_TAIL_BYTES:]
+        try:
+            if task is None:
+                config, task = load_task(config)
+                record["config"] = {**asdict(config), "submission": str(path)}
+            task.verify(config.scenario_sha256, config.labels_sha256)
+        except ScenarioMismatch as error:
+            outcome = Outcome(status="invalid_scenario", reason=str(error))
+        else:
+            record.update(scenario_sha256=task.scenario_sha256, labels_sha256=task.labels_sha256)
+            run_config = replace(config, submission=str(path))
+            with tempfile.TemporaryDirectory(prefix="cl-harness-") as folder:
+                scratch, log_path = Path(folder) / "scratch", Path(folder) / "submission.log"
+                outcome = run_submission(run_config, task, scratch, log_path, progress=progress, hparams=hparams)
+                raw = log_path.read_bytes() if log_path.exists() else b""
+                log = raw[-_LOG_TAIL_BYTES:]
+    record["track"] = track_of(record["config"], record.get("scenario_sha256", ""))
     metrics = None
     if outcome.status == "ok":
         assert task is not None
         try:
+            # The labels about to be scored against are the ones the run was built with.
+            task.verify(config.scenario_sha256, config.labels_sha256)
             metrics = score(task, task.segments(config.experience_size, config.eval_period), outcome.predictions)
+        except ScenarioMismatch as error:
+            outcome.status, outcome.reason = "invalid_scenario", str(error)
         except ValueError as error:
             outcome.status, outcome.reason = "invalid_predictions", str(error)
     record.update(
@@ -81,6 +121,9 @@ def run_competition(
         exit_code=outcome.exit_code,
         finished_at=_now(),
     )
+    if not store_record:
+        record["log_text"] = log.decode(errors="replace")
+        return record
     record["log"] = str(store.write_log(run_id, log))
     record["record"] = str(store.runs / f"{run_id}.json")
     store.write_record(record)

@@ -7,6 +7,18 @@ from pathlib import Path
 from typing import Any
 
 BENCHMARKS = ("split_digits", "si_blurry_digits", "split_cifar10", "si_blurry_cifar10")
+#: what the tuning phase may maximise.
+CRITERIA = ("A_auc", "A_last", "A_avg")
+PARTS = ("all", "a", "b")  # continual.subsets.PARTS, repeated to keep this module light
+
+
+def scenario_type(benchmark: str) -> str:
+    """``split`` or ``si_blurry``: the CL scenario of a benchmark name."""
+    return "si_blurry" if benchmark.startswith("si_blurry") else "split"
+
+
+def dataset_of(benchmark: str) -> str:
+    return benchmark.rsplit("_", 1)[-1]
 
 
 @dataclass
@@ -29,6 +41,23 @@ class HarnessConfig:
         threads: CPU threads of the submission process.
         results_dir: where run records, logs and the leaderboard are written.
         protected_paths: extra paths the submission may not read (datasets, label files).
+        scenario_dir: a scenario folder (:mod:`continual.harness.scenario_files`) to run on
+            instead of building the stream; its settings replace ``benchmark``,
+            ``num_tasks``, ``seed`` and the per-class subsets.
+        scenario_sha256, labels_sha256: published checksums of the scenario and of its hidden
+            labels; when given, a run on anything else is refused before it starts and
+            before it is scored.
+        data_part: ``all``, or the half ``a`` / ``b`` of every class (disjoint halves of one
+            dataset, :func:`continual.subsets.class_half`).
+        tuning_benchmark: non-empty: a two-phase run (:mod:`continual.harness.tuning`). The
+            submission's declared ``SEARCH_SPACE`` is searched on this benchmark (public
+            labels), the best values by ``criterion`` are frozen and run once on the
+            evaluation scenario (``benchmark`` / ``data_part`` / ``scenario_dir``, hidden
+            labels). Same scenario type, every other setting and budget shared.
+        tuning_data_part: the part of the tuning benchmark's data (see ``data_part``).
+        tuning_budget_s: total wall time of the tuning phase; no trial starts after it.
+        max_trials: at most this many tuning trials (0: no limit besides the budget).
+        criterion: what the tuning phase maximises: ``A_auc``, ``A_last`` or ``A_avg``.
     """
 
     submission: str = ""
@@ -46,6 +75,15 @@ class HarnessConfig:
     threads: int = 1
     results_dir: str = "results/competition"
     protected_paths: list[str] = field(default_factory=list)
+    scenario_dir: str = ""
+    scenario_sha256: str = ""
+    labels_sha256: str = ""
+    data_part: str = "all"
+    tuning_benchmark: str = ""
+    tuning_data_part: str = "all"
+    tuning_budget_s: float = 1800.0
+    max_trials: int = 0
+    criterion: str = "A_auc"
 
     def validate(self) -> None:
         if not self.submission:
@@ -57,6 +95,30 @@ class HarnessConfig:
                 raise ValueError(f"{name} must be >= 1")
         if self.time_budget_s <= 0 or self.startup_timeout_s <= 0:
             raise ValueError("time budgets must be positive")
+        if self.data_part not in PARTS or self.tuning_data_part not in PARTS:
+            raise ValueError(f"data_part and tuning_data_part must be one of {PARTS}")
+        if self.tuning_benchmark:
+            self._validate_phases()
+
+    def _validate_phases(self) -> None:
+        """The reality-check rule: same scenario type, different data."""
+        if self.tuning_benchmark not in BENCHMARKS:
+            raise ValueError(f"tuning_benchmark must be one of {BENCHMARKS}, got {self.tuning_benchmark!r}")
+        if scenario_type(self.tuning_benchmark) != scenario_type(self.benchmark):
+            raise ValueError(
+                f"the tuning phase ({self.tuning_benchmark}) and the evaluation phase ({self.benchmark}) must "
+                "share the scenario type"
+            )
+        if dataset_of(self.tuning_benchmark) == dataset_of(self.benchmark) and not self.scenario_dir:
+            if {self.tuning_data_part, self.data_part} != {"a", "b"}:
+                raise ValueError(
+                    "the tuning and evaluation phases use the same dataset: give them disjoint halves "
+                    "(tuning_data_part=a data_part=b, or the reverse)"
+                )
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
+        if self.tuning_budget_s <= 0 or self.max_trials < 0:
+            raise ValueError("tuning_budget_s must be positive and max_trials >= 0")
 
     @property
     def display_name(self) -> str:

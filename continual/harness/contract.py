@@ -14,7 +14,8 @@ which maps float32 images ``(N, C, H, W)`` in [0, 1] to scores ``(N, num_classes
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class SubmissionContext:
         scratch_dir: the only folder the submission may write.
         time_budget_s: wall time for training and all predictions.
         memory_budget_mb: memory the submission may allocate.
+        hparams: the hyperparameter values of this run, drawn from the submission's declared
+            ``SEARCH_SPACE`` by the tuning phase, or the frozen ones in the evaluation phase
+            (empty for a single-phase run; see docs/COMPETITION.md).
     """
 
     num_classes: int
@@ -44,3 +48,4 @@ class SubmissionContext:
     scratch_dir: str
     time_budget_s: float
     memory_budget_mb: int
+    hparams: dict[str, Any] = field(default_factory=dict)

@@ -102,28 +102,92 @@ def _pct(value: Any) -> str:
     return "–" if value is None else f"{100 * float(value):.2f}"
 
 
+#: the harness settings that make two runs comparable: the scenario (benchmark, tasks, stream
+#: seed, subsets) and the rules (experience size, evaluation period, budgets, threads).
+TRACK_SETTINGS = (
+    "benchmark", "data_part", "num_tasks", "seed", "train_per_class", "test_per_class", "experience_size", "eval_period",
+    "time_budget_s", "memory_budget_mb", "threads",
+)
+
+
+def track_of(config: dict[str, Any], scenario_sha256: str = "") -> dict[str, Any]:
+    """The track of a run: its comparable settings and the checksum of its scenario."""
+    track = {name: config.get(name) for name in TRACK_SETTINGS}
+    track["scenario_sha256"] = scenario_sha256
+    return track
+
+
+def _track(record: dict[str, Any]) -> dict[str, Any]:
+    # Records written before tracks existed carry only their config.
+    return record.get("track") or track_of(record.get("config", {}), record.get("scenario_sha256", ""))
+
+
+def _describe(track: dict[str, Any]) -> str:
+    parts = []
+    for name, value in track.items():
+        if name in ("benchmark", "tuning"):
+            continue
+        if name == "scenario_sha256":
+            value = str(value)[:12] or "unknown"
+        parts.append(f"{name} {'all' if value is None else value}")
+    if track.get("tuning"):
+        tuning = track["tuning"]
+        part = "" if tuning.get("data_part", "all") == "all" else f" half {tuning['data_part']}"
+        trials = f", at most {tuning['max_trials']} trials" if tuning.get("max_trials") else ""
+        parts.append(f"tuned on {tuning['benchmark']}{part} (scenario {str(tuning.get('scenario_sha256', ''))[:12]}) "
+                     f"by {tuning['criterion']} within {tuning['budget_s']:g} s{trials}")
+    return " · ".join(parts)
+
+
 def render_leaderboard(records: list[dict[str, Any]]) -> str:
-    """Markdown: successful runs ranked by A_auc (then A_last), then every failed run."""
-    ok = [r for r in records if r.get("status") == "ok"]
-    ok.sort(key=lambda r: (-(r["metrics"].get("A_auc") or 0.0), -(r["metrics"].get("A_last") or 0.0)))
+    """Markdown: one ranked table per track (successful runs by A_auc, then A_last), then
+    every failed run. Runs of different tracks are never ranked against each other.
+
+    Two-phase (tuning → evaluation) runs are ranked by their evaluation phase; their table
+    also shows the tuning-phase A_auc of the frozen values and the gap between the two.
+    """
+    tracks: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        if r.get("status") == "ok":
+            tracks.setdefault(json.dumps(_track(r), sort_keys=True), []).append(r)
     lines = [
         "# Leaderboard",
         "",
-        "Ranked by A_auc (anytime accuracy), then A_last; accuracies in %, on the classes seen so far.",
-        "",
-        "| rank | submission | A_auc | A_last | A_avg | F_last | time (s) | benchmark | run |",
-        "|---:|---|---:|---:|---:|---:|---:|---|---|",
+        "One table per track (benchmark, scenario checksum and settings): runs are ranked only",
+        "within their track, by A_auc (anytime accuracy), then A_last; accuracies in %, on the",
+        "classes seen so far. Two-phase tracks rank by the evaluation phase.",
     ]
-    for rank, r in enumerate(ok, 1):
-        m = r["metrics"]
-        lines.append(
-            f"| {rank} | {r['name']} | {_pct(m.get('A_auc'))} | {_pct(m.get('A_last'))} | {_pct(m.get('A_avg'))} | "
-            f"{_pct(m.get('F_last'))} | {r.get('run_s', 0):.1f} | {r['config']['benchmark']} | {r['run_id']} |"
-        )
+    for number, (key, runs) in enumerate(sorted(tracks.items()), 1):
+        track = json.loads(key)
+        runs.sort(key=lambda r: (-(r["metrics"].get("A_auc") or 0.0), -(r["metrics"].get("A_last") or 0.0)))
+        two_phase = bool(track.get("tuning"))
+        extra = " tuning A_auc | gap |" if two_phase else ""
+        lines += [
+            "",
+            f"## Track {number}: {track['benchmark']}",
+            "",
+            _describe(track),
+            "",
+            f"| rank | submission | A_auc | A_last | A_avg | F_last |{extra} time (s) | run |",
+            "|---:|---|---:|---:|---:|---:|" + ("---:|---:|" if two_phase else "") + "---:|---|",
+        ]
+        for rank, r in enumerate(runs, 1):
+            m = r["metrics"]
+            cells = ""
+            if two_phase:
+                tuned = (r.get("tuning") or {}).get("best_metrics") or {}
+                gap = None
+                if tuned.get("A_auc") is not None and m.get("A_auc") is not None:
+                    gap = tuned["A_auc"] - m["A_auc"]
+                cells = f" {_pct(tuned.get('A_auc'))} | {'–' if gap is None else f'{100 * gap:+.2f}'} |"
+            lines.append(
+                f"| {rank} | {r['name']} | {_pct(m.get('A_auc'))} | {_pct(m.get('A_last'))} | {_pct(m.get('A_avg'))} | "
+                f"{_pct(m.get('F_last'))} |{cells} {r.get('run_s', 0):.1f} | {r['run_id']} |"
+            )
     failed = [r for r in records if r.get("status") != "ok"]
     if failed:
-        lines += ["", "## Failed runs", "", "| submission | status | reason | run |", "|---|---|---|---|"]
+        lines += ["", "## Failed runs", "", "| submission | status | reason | benchmark | run |", "|---|---|---|---|---|"]
         for r in failed:
             reason = str(r.get("reason", "")).replace("|", "/").replace("\n", " ")[:160]
-            lines.append(f"| {r['name']} | {r['status']} | {reason} | {r['run_id']} |")
+            lines.append(f"| {r['name']} | {r['status']} | {reason} | {_track(r)['benchmark']} | {r['run_id']} |")
     return "\n".join(lines) + "\n"

@@ -38,6 +38,7 @@ _BOOTSTRAP = (
 #: statuses of a run; only "ok" runs are ranked.
 STATUSES = (
     "ok", "timeout", "over_memory_budget", "crashed", "invalid_submission", "invalid_predictions", "startup_failed",
+    "invalid_scenario", "tuning_failed",
 )
 
 
@@ -139,15 +140,38 @@ def _environment(config: HarnessConfig, scratch: Path) -> dict[str, str]:
     }
 
 
+def _reported_error(header: dict) -> _Stop:
+    status = {
+        "memory": "over_memory_budget",
+        "invalid_submission": "invalid_submission",
+        "invalid_predictions": "invalid_predictions",
+    }.get(str(header.get("kind")), "crashed")
+    return _Stop(status, str(header.get("message", "the submission failed"))[:2000])
+
+
+def _last_report(conn: Connection) -> _Stop | None:
+    """The error the submission reported just before it ended, if it is still unread.
+
+    The submission process sends its ``error`` message and exits at once. If the harness is
+    still sending when that happens (e.g. the next training experience), the send fails on
+    the closed socket (EPIPE) although the report already sits in our receive buffer; whether
+    the send comes before or after the exit depends only on scheduling. Reading the buffer
+    here makes the verdict the submission's report either way.
+    """
+    try:
+        while conn.poll(0):
+            header, _ = wire.receive(conn)
+            if header.get("type") == "error":
+                return _reported_error(header)
+    except (EOFError, OSError, wire.ProtocolError):
+        pass
+    return None
+
+
 def _expect(conn: Connection, kind: str, max_bytes: int = wire.MAX_HEADER_BYTES):
     header, arrays = wire.receive(conn, max_bytes)
     if header["type"] == "error":
-        status = {
-            "memory": "over_memory_budget",
-            "invalid_submission": "invalid_submission",
-            "invalid_predictions": "invalid_predictions",
-        }.get(str(header.get("kind")), "crashed")
-        raise _Stop(status, str(header.get("message", "the submission failed"))[:2000])
+        raise _reported_error(header)
     if header["type"] != kind:
         raise _Stop("crashed", f"protocol violation: expected {kind!r}, got {header['type']!r}")
     return header, arrays
@@ -168,10 +192,12 @@ def validate_scores(header: dict, arrays: dict[str, np.ndarray], index: int, sha
 
 
 def run_submission(
-    config: HarnessConfig, task: CompetitionTask, scratch: Path, log_path: Path, progress: bool = True
+    config: HarnessConfig, task: CompetitionTask, scratch: Path, log_path: Path, progress: bool = True,
+    hparams: dict | None = None,
 ) -> Outcome:
     """Run ``config.submission`` on ``task`` in a sandboxed process; never raises for
-    submission failures (they become the outcome's status)."""
+    submission failures (they become the outcome's status). ``hparams`` (JSON values) reach
+    the submission as ``context.hparams``."""
     segments: list[Segment] = task.segments(config.experience_size, config.eval_period)
     scratch.mkdir(parents=True, exist_ok=True)
     submission_copy = scratch / "submission.py"
@@ -207,7 +233,7 @@ def run_submission(
                 "input_shape": [int(task.train_images.shape[3]), *map(int, task.train_images.shape[1:3])],
                 "experience_size": config.experience_size, "seed": config.seed, "device": "cpu",
                 "threads": config.threads, "scratch_dir": str(scratch), "time_budget_s": config.time_budget_s,
-                "memory_budget_mb": config.memory_budget_mb,
+                "memory_budget_mb": config.memory_budget_mb, "hparams": dict(hparams or {}),
             },
         })
         _expect(conn, "ready")
@@ -217,7 +243,10 @@ def run_submission(
         watchdog.start_memory_accounting()
         wire.send(conn, {"type": "test_images"}, images=task.test_images)
         evaluation = 0
-        for segment in tqdm(segments, desc=f"{config.display_name}", unit="exp", disable=not progress, leave=False):
+        # A bar on a terminal; in logs (stderr redirected) one line per evaluation point.
+        bar = progress and sys.stderr.isatty()
+        num_evaluations = sum(segment.evaluates for segment in segments)
+        for segment in tqdm(segments, desc=f"{config.display_name}", unit="exp", disable=not bar, leave=False):
             wire.send(
                 conn,
                 {"type": "train", "task": segment.task, "first": segment.first_in_task, "last": segment.last_in_task},
@@ -235,6 +264,12 @@ def run_submission(
                     header, arrays, evaluation, (num_test, task.num_classes)
                 ).copy()
                 evaluation += 1
+                if progress and not bar:
+                    print(
+                        f"{config.display_name}: evaluation {evaluation}/{num_evaluations} after {segment.end} "
+                        f"training samples ({time.monotonic() - run_started:.1f} s)",
+                        file=sys.stderr, flush=True,
+                    )
         wire.send(conn, {"type": "end"})
         _expect(conn, "done")
         outcome.status, outcome.reason = "ok", ""
@@ -243,8 +278,12 @@ def run_submission(
     except wire.ProtocolError as error:
         outcome.status, outcome.reason = "crashed", f"protocol violation: {error}"
     except (EOFError, OSError) as error:
-        outcome.status = "crashed"
-        outcome.reason = f"the submission process ended unexpectedly ({type(error).__name__})"
+        report = _last_report(conn)
+        if report is not None:
+            outcome.status, outcome.reason = report.status, report.reason
+        else:
+            outcome.status = "crashed"
+            outcome.reason = f"the submission process ended unexpectedly ({type(error).__name__})"
     finally:
         watchdog.stop()
         if run_started is not None:

@@ -7,6 +7,7 @@ grouped by class on disk, tells nothing), and answers with scores.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from benchmarks.data.base import ImageArrays
 from continual.harness.config import HarnessConfig
-from continual.subsets import per_class_subset
+from continual.subsets import class_half, per_class_subset
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,37 @@ class Segment:
         return self.periodic_eval or self.last_in_task
 
 
+class ScenarioMismatch(ValueError):
+    """A scenario's data or hidden labels do not match their published checksum."""
+
+
+def array_digest(*arrays: np.ndarray) -> str:
+    """SHA-256 over the dtype, shape and bytes of every array, in order."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
+
+
+def scenario_digest(
+    train_images: np.ndarray, train_labels: np.ndarray, task_sizes: tuple[int, ...], test_images: np.ndarray,
+    class_names: tuple[str, ...],
+) -> str:
+    """Checksum of everything public about a scenario (test images in their canonical order)."""
+    names = np.frombuffer("\n".join(class_names).encode(), dtype=np.uint8)
+    return array_digest(train_images, train_labels, np.asarray(task_sizes, dtype=np.int64), test_images, names)
+
+
 @dataclass(frozen=True)
 class CompetitionTask:
-    """Training stream in presentation order and a privately shuffled test set."""
+    """Training stream in presentation order and a privately shuffled test set.
+
+    ``scenario_sha256`` / ``labels_sha256`` are the checksums of the scenario and of the
+    hidden test labels, both taken in the canonical (unshuffled) test order, so that they do
+    not depend on the secret per-run permutation ``test_order``.
+    """
 
     train_images: np.ndarray
     train_labels: np.ndarray
@@ -48,10 +77,38 @@ class CompetitionTask:
     test_labels: np.ndarray  # private: never sent to the submission
     num_classes: int
     class_names: tuple[str, ...]
+    test_order: np.ndarray  # private: canonical index of every shuffled test sample
+    scenario_sha256: str
+    labels_sha256: str
 
     @property
     def num_tasks(self) -> int:
         return len(self.task_sizes)
+
+    def _canonical(self, shuffled: np.ndarray) -> np.ndarray:
+        canonical = np.empty_like(shuffled)
+        canonical[self.test_order] = shuffled
+        return canonical
+
+    def verify(self, scenario_sha256: str = "", labels_sha256: str = "") -> None:
+        """Recompute both checksums from the arrays held now and compare them with the
+        recorded ones and, if given, with the published ones.
+
+        Raises:
+            ScenarioMismatch: the data or the labels changed, or differ from the published ones.
+        """
+        scenario = scenario_digest(
+            self.train_images, self.train_labels, self.task_sizes, self._canonical(self.test_images), self.class_names
+        )
+        labels = array_digest(self._canonical(self.test_labels))
+        for what, actual, recorded, published in (
+            ("scenario", scenario, self.scenario_sha256, scenario_sha256),
+            ("hidden labels", labels, self.labels_sha256, labels_sha256),
+        ):
+            if actual != recorded:
+                raise ScenarioMismatch(f"the {what} changed since the task was built (sha256 {actual}, built {recorded})")
+            if published and actual != published:
+                raise ScenarioMismatch(f"the {what} do not match the published checksum (sha256 {actual}, published {published})")
 
     def segments(self, experience_size: int, eval_period: int) -> list[Segment]:
         """Cut every task into experiences of ``experience_size`` samples, also cutting at every
@@ -81,9 +138,10 @@ def _load(config: HarnessConfig) -> tuple[ImageArrays, ImageArrays]:
         from benchmarks.data.folder import cifar10_jpeg
 
         train, test = cifar10_jpeg("train"), cifar10_jpeg("test")
+    # The half first (a partition fixed for every seed), then the seeded subset within it.
     return (
-        per_class_subset(train, config.train_per_class, config.seed),
-        per_class_subset(test, config.test_per_class, config.seed),
+        per_class_subset(class_half(train, config.data_part), config.train_per_class, config.seed),
+        per_class_subset(class_half(test, config.data_part), config.test_per_class, config.seed),
     )
 
 
@@ -112,14 +170,29 @@ def build_task(config: HarnessConfig, rng_seed: int | None = None) -> Competitio
     else:
         tasks = _class_incremental_order(train.labels, config.num_tasks, num_classes, config.seed)
     order = np.concatenate(tasks)
+    return assemble_task(
+        train.images[order], train.labels[order], tuple(len(t) for t in tasks), test.images, test.labels,
+        num_classes, tuple(train.classes), rng_seed,
+    )
+
+
+def assemble_task(
+    train_images: np.ndarray, train_labels: np.ndarray, task_sizes: tuple[int, ...], test_images: np.ndarray,
+    test_labels: np.ndarray, num_classes: int, class_names: tuple[str, ...], rng_seed: int | None = None,
+) -> CompetitionTask:
+    """A task from a training stream in presentation order and a test set in canonical order:
+    checksums taken, then the test set shuffled secretly (see :func:`build_task`)."""
     secret = np.random.default_rng(secrets.randbits(64) if rng_seed is None else rng_seed)
-    test_order = secret.permutation(len(test))
+    test_order = secret.permutation(len(test_labels))
     return CompetitionTask(
-        train_images=train.images[order],
-        train_labels=train.labels[order],
-        task_sizes=tuple(len(t) for t in tasks),
-        test_images=test.images[test_order],
-        test_labels=test.labels[test_order],
+        train_images=train_images,
+        train_labels=train_labels,
+        task_sizes=task_sizes,
+        test_images=test_images[test_order],
+        test_labels=test_labels[test_order],
         num_classes=num_classes,
-        class_names=train.classes,
+        class_names=class_names,
+        test_order=test_order,
+        scenario_sha256=scenario_digest(train_images, train_labels, task_sizes, test_images, class_names),
+        labels_sha256=array_digest(test_labels),
     )

@@ -46,3 +46,21 @@ def test_reference_submission_through_the_harness(tmp_path, module: str) -> None
     record = run_competition(replace(config), progress=False)
     assert record["status"] == "ok", record["reason"]
     assert record["metrics"]["A_last"] > 0.1
+
+
+def test_reference_submissions_share_one_set_up(tmp_path, monkeypatch) -> None:
+    """Both build their strategy through continual.submissions.common; they differ only in
+    their plugins (and ER+AdaB²N takes its κ, λ and learning rate from context.hparams)."""
+    from continual.replay import ReservoirReplayPlugin
+
+    calls = {}
+    for module in ("naive_bn", "er_adab2n"):
+        submission = importlib.import_module(f"continual.submissions.{module}")
+        monkeypatch.setattr(submission, "online_strategy", lambda context, plugins, lr=0.03, m=module: calls.setdefault(m, (plugins, lr)))
+    importlib.import_module("continual.submissions.naive_bn").make_strategy(_context(tmp_path))
+    tuned = replace(_context(tmp_path), hparams={"kappa": 0.8, "lambd": 0.3, "lr": 0.1})
+    importlib.import_module("continual.submissions.er_adab2n").make_strategy(tuned)
+    (naive_plugins, naive_lr), (er_plugins, er_lr) = calls["naive_bn"], calls["er_adab2n"]
+    assert [p.norm for p in naive_plugins] == ["bn"] and naive_lr == 0.03
+    assert er_plugins[0].norm == "adab2n" and isinstance(er_plugins[1], ReservoirReplayPlugin) and er_lr == 0.1
+    assert (er_plugins[0].kappa, er_plugins[0].lambd) == (0.8, 0.3)
