@@ -154,6 +154,8 @@ def check_config(cfg: "DictConfig | RunSpec") -> RunSpec:
         problems += _check_data(config)
         if spec.eval.multi_stream and config.schedule != "reset_each_shift":
             problems.append("eval.multi_stream=true runs domains as parallel reset-each-shift streams; it needs stream.schedule=reset_each_shift")
+    if spec.runtime.checkpoint_every < 0:
+        problems.append(f"runtime.checkpoint_every={spec.runtime.checkpoint_every} must be >= 0 (0: no checkpoints)")
     problems += check_model_config(spec.model)
     problems += check_preprocessing(spec.model, image_size=spec.image_size, dataset=config.dataset if config else None)
     if problems:

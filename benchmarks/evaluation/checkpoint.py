@@ -136,6 +136,9 @@ class StreamCheckpoint:
         protocol: the protocol block, stored so a refused checkpoint can say what differs.
         resume: continue from an existing checkpoint; False ignores it (and overwrites it).
         generators: extra generator objects to save and restore with the global RNGs.
+        weights_only: read the file with ``torch.load(weights_only=True)`` (tensors and plain
+            containers only, which is all the benchmark app stores); a caller that stores
+            arbitrary Python objects in ``extra`` sets it to False for files it wrote itself.
     """
 
     def __init__(
@@ -147,6 +150,7 @@ class StreamCheckpoint:
         protocol: Mapping[str, Any] | None = None,
         resume: bool = True,
         generators: Generators | None = None,
+        weights_only: bool = True,
     ) -> None:
         if int(every) < 1:
             raise ValueError(f"every must be >= 1, got {every}")
@@ -156,6 +160,7 @@ class StreamCheckpoint:
         self.protocol = dict(protocol) if protocol is not None else None
         self.resume = resume
         self.generators = dict(generators or {})
+        self.weights_only = weights_only
         self.saves = 0
         self.save_seconds = 0.0
         #: batches already evaluated by the run this one continues (None: started afresh)
@@ -192,7 +197,7 @@ class StreamCheckpoint:
         if not self.resume or not self.path.is_file():
             return None
         try:
-            payload = torch.load(self.path, map_location="cpu", weights_only=False)
+            payload = torch.load(self.path, map_location="cpu", weights_only=self.weights_only)
         except Exception as error:  # noqa: BLE001 - atomic writes make this a foreign file
             raise CheckpointMismatch(f"{self.path} is not a readable checkpoint ({error}); delete it to start over") from None
         if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:

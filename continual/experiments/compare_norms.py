@@ -271,6 +271,7 @@ def run(config: RunConfig, scenario=None, progress: bool = True, checkpoint: Any
     position, resumed_at = 0, None
     if checkpoint is not None:
         checkpoint.fingerprint, checkpoint.protocol = protocol.fingerprint(), protocol.to_dict()
+        checkpoint.weights_only = False  # the replay buffer and Avalanche's clock are pickled objects
         payload = checkpoint.load()
         if payload is not None:
             # The checkpointed model has the converted normalization layers: convert first.

@@ -60,3 +60,10 @@ def test_the_app_refuses_a_dataset_at_another_resolution_than_the_model() -> Non
         cfg = compose(config_name="config", overrides=["experiment=digits_quick", "dataset.image_size=28"])
     with pytest.raises(BenchConfigError, match=r"expects 32x32 inputs \(model.input_size\) but dataset digits delivers 28x28"):
         check_config(cfg)
+
+
+def test_negative_checkpoint_interval_is_refused_before_any_work() -> None:
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["experiment=digits_quick", "runtime.checkpoint_every=-1"])
+    with pytest.raises(BenchConfigError, match="runtime.checkpoint_every=-1 must be >= 0"):
+        check_config(cfg)
