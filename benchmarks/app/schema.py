@@ -37,6 +37,16 @@ class LabelOrder(Enum):
     dirichlet = "dirichlet"
 
 
+class Seeding(Enum):
+    library = "library"
+    official = "official"
+
+
+class ImbalanceOrder(Enum):
+    constant = "constant"
+    random = "random"
+
+
 class Source(Enum):
     generate = "generate"
     files = "files"
@@ -130,6 +140,11 @@ class StreamSchema:
     schedule: Schedule = Schedule.continual
     label_order: LabelOrder = LabelOrder.iid
     delta: float = 0.1
+    #: seed -> order: the library's generator, or mariodoebler's loader's (StreamConfig.seeding)
+    seeding: Seeding = Seeding.library
+    #: global class imbalance (TRIBE's GLI-TTA long-tailed subsample); null: off
+    imbalance_factor: Optional[float] = None
+    imbalance_order: ImbalanceOrder = ImbalanceOrder.constant
     batch_size: int = 64
     n_examples: Optional[int] = None
     replays: int = 1

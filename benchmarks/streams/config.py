@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from benchmarks.corruptions import CORRUPTIONS
+from benchmarks.streams.label_order import IMBALANCE_ORDERS, SEEDINGS
 
 # The 15 standard corruptions in the order every test-time paper presents them (§9.3).
 STANDARD_DOMAINS: tuple[str, ...] = CORRUPTIONS
@@ -48,6 +49,20 @@ class StreamConfig:
         label_order: ``"iid"`` (seeded shuffle), ``"sorted"`` (by class, stable) or
             ``"dirichlet"`` (§9.2; ``delta == 0`` means sorted, as in the mariodoebler code).
         delta: Dirichlet concentration δ for ``label_order="dirichlet"``.
+        seeding: how ``seed`` becomes a sample order. ``"library"`` (default): one
+            ``np.random.default_rng(seed)`` per segment. ``"official"``: the order
+            mariodoebler's test loader gives for the same seed (Python ``random.shuffle``,
+            then the Dirichlet sampler on NumPy's global generator; §9.2-§9.3), so a published
+            stream can be rebuilt from its seed. It matches that loader for the whole split
+            (its default ``NUM_EX = -1``); with ``n_examples`` the library keeps the first
+            ``n_examples`` rows in file order, where that loader draws ``random.sample``.
+        imbalance_factor: global class imbalance (TRIBE's GLI-TTA, Su et al., AAAI 2024):
+            each segment keeps a long-tailed subsample, class ``k`` with
+            ``int(n_0 * (1 / factor) ** (k / (C - 1)))`` samples (``n_0``: the segment's
+            count of class 0), before the label order is applied on top. ``None``: off.
+            TRIBE uses 10, 100 and 200.
+        imbalance_order: ``"constant"`` (class 0 is the head, C-1 the tail; GLI-TTA-F) or
+            ``"random"`` (the counts shuffled over the classes with the seed; GLI-TTA-V).
         batch_size: samples per batch (>= 1); the last batch of a segment may be smaller
             (no drop_last, §9.3).
         n_examples: samples per domain, the first ``n_examples`` of the split in file order
@@ -77,6 +92,9 @@ class StreamConfig:
     schedule: str = "continual"
     label_order: str = "iid"
     delta: float = 0.1
+    seeding: str = "library"
+    imbalance_factor: float | None = None
+    imbalance_order: str = "constant"
     batch_size: int = 64
     n_examples: int | None = None
     replays: int = 1
@@ -110,6 +128,12 @@ class StreamConfig:
             raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
         if self.delta < 0:
             raise ValueError(f"delta must be >= 0, got {self.delta}")
+        if self.seeding not in SEEDINGS:
+            raise ValueError(f"seeding must be one of {SEEDINGS}, got {self.seeding!r}")
+        if self.imbalance_factor is not None and not self.imbalance_factor >= 1:
+            raise ValueError(f"imbalance_factor must be >= 1 or None, got {self.imbalance_factor}")
+        if self.imbalance_order not in IMBALANCE_ORDERS:
+            raise ValueError(f"imbalance_order must be one of {IMBALANCE_ORDERS}, got {self.imbalance_order!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.n_examples is not None and self.n_examples < 1:

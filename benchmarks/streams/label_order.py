@@ -8,11 +8,15 @@ mariodoebler test-time-adaptation benchmark and UnMix-TNS (ALGORITHMS.md §9.2).
 code draws from NumPy's *global* RNG (seeded per domain with the run seed); here the generator
 is passed in. Passing ``np.random.RandomState(seed)`` consumes randomness in the same order as
 the official code after ``np.random.seed(seed)``; the library itself uses a seeded
-``np.random.Generator``.
+``np.random.Generator`` by default. :func:`official_order` rebuilds the exact order the
+official loader gives for a run seed (its Python ``random`` shuffle, then the global NumPy
+generator), and :func:`segment_order` adds TRIBE's global class imbalance (a long-tailed
+subsample) under any of these label orders.
 """
 
 from __future__ import annotations
 
+import random
 import time
 
 import numpy as np
@@ -178,3 +182,146 @@ def mean_run_length(labels: np.ndarray) -> float:
     the class size for a sorted one (a measure of temporal label correlation, §9.2)."""
     runs = label_runs(labels)
     return float(runs.mean()) if runs.size else 0.0
+
+
+SEEDINGS: tuple[str, ...] = ("library", "official")
+IMBALANCE_ORDERS: tuple[str, ...] = ("constant", "random")
+
+
+def long_tailed_counts(n_max: int, num_classes: int, imbalance_factor: float) -> list[int]:
+    """Per-class sample counts of a long-tailed label distribution (TRIBE's GLI-TTA protocol).
+
+    Class ``k`` keeps ``int(n_max * (1 / imbalance_factor) ** (k / (C - 1)))`` samples: the
+    head class ``n_max``, the tail class ``n_max / imbalance_factor`` (truncated), and an
+    exponential decay in between, as in Gorilla-Lab-SCUT/TRIBE's
+    ``LabelDirichletDomainSequenceLongTailed.gen_imbalanced_data`` (Su et al., AAAI 2024).
+    Computed with Python floats in the same order, so the truncations agree.
+    """
+    if imbalance_factor < 1:
+        raise ValueError(f"imbalance_factor must be >= 1, got {imbalance_factor}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if num_classes == 1:
+        return [int(n_max)]
+    ratio = 1.0 / float(imbalance_factor)
+    return [int(n_max * (ratio ** (k / (num_classes - 1.0)))) for k in range(num_classes)]
+
+
+def long_tailed_subset(
+    labels: np.ndarray,
+    num_classes: int,
+    imbalance_factor: float,
+    rng: RandomSource,
+    *,
+    class_order: str = "constant",
+) -> np.ndarray:
+    """Positions of a long-tailed subsample of ``labels`` (global class imbalance, GLI-TTA).
+
+    As TRIBE: the head count ``n_max`` is the number of samples of class 0 in ``labels``; the
+    per-class counts come from :func:`long_tailed_counts`; with ``class_order="random"``
+    (their GLI-TTA-V) the counts are first shuffled over the classes, with ``"constant"``
+    (GLI-TTA-F) class 0 is the head and class C-1 the tail. Each class's positions are then
+    shuffled and the first ``count`` kept (all of them when the class has fewer). TRIBE
+    special-cases MNIST (``n_max = 980`` becomes 1000); that is not reproduced.
+
+    Returns:
+        int64 positions into ``labels``, ascending (so a later shuffle sees file order).
+    """
+    if class_order not in IMBALANCE_ORDERS:
+        raise ValueError(f"class_order must be one of {IMBALANCE_ORDERS}, got {class_order!r}")
+    labels = np.asarray(labels)
+    per_class = [np.flatnonzero(labels == k) for k in range(int(num_classes))]
+    counts = long_tailed_counts(len(per_class[0]), int(num_classes), imbalance_factor)
+    if class_order == "random":
+        counts = list(np.asarray(counts)[rng.permutation(len(counts))])
+    kept = []
+    for members, count in zip(per_class, counts):  # one step per class, as the reference
+        members = members.copy()
+        rng.shuffle(members)
+        kept.append(members[: int(count)])
+    return np.sort(np.concatenate(kept)).astype(np.int64)
+
+
+def official_order(
+    labels: np.ndarray,
+    kind: str,
+    seed: int,
+    *,
+    num_classes: int,
+    delta: float = 0.1,
+    min_chunk_size: int = 10,
+    timeout_s: float = 120.0,
+) -> np.ndarray:
+    """The order mariodoebler's test loader gives a domain for run seed ``seed`` (§9.2, §9.3).
+
+    That loader calls ``random.seed(seed)`` and ``np.random.seed(seed)``, shuffles the sample
+    list with Python's ``random.shuffle``, and then sorts it stably by label (``"sorted"``,
+    or Dirichlet with ``delta == 0``) or reorders it with the Dirichlet sampler drawing from
+    NumPy's global generator (``"dirichlet"``). Here the same two generators are created
+    locally (``random.Random(seed)``, ``np.random.RandomState(seed)``), so a published
+    stream can be rebuilt from its seed without touching global state.
+    """
+    positions = list(range(len(labels)))
+    random.Random(seed).shuffle(positions)
+    shuffled = np.asarray(positions, dtype=np.int64)
+    if kind == "iid":
+        return shuffled
+    labels = np.asarray(labels)
+    if kind == "sorted" or (kind == "dirichlet" and delta == 0):
+        return shuffled[sorted_order(labels[shuffled])]
+    if kind == "dirichlet":
+        inner = dirichlet_order(
+            labels[shuffled],
+            num_classes,
+            delta,
+            np.random.RandomState(seed),
+            min_chunk_size=min_chunk_size,
+            timeout_s=timeout_s,
+        )
+        return shuffled[inner]
+    raise ValueError(f"unknown label order {kind!r}")
+
+
+def segment_order(
+    labels: np.ndarray,
+    kind: str,
+    seed: int,
+    *,
+    num_classes: int,
+    delta: float = 0.1,
+    seeding: str = "library",
+    imbalance_factor: float | None = None,
+    imbalance_order: str = "constant",
+    min_chunk_size: int = 10,
+    timeout_s: float = 120.0,
+) -> np.ndarray:
+    """The sample order of one stream segment: optional global imbalance, then the label order.
+
+    1. Global class imbalance (``imbalance_factor`` not ``None``): a long-tailed subsample
+       (:func:`long_tailed_subset`) drawn with ``np.random.default_rng(seed)``.
+    2. Local label order over the (sub)sample: with ``seeding="library"`` (the default)
+       :func:`order_labels` with the same generator; with ``seeding="official"``
+       :func:`official_order`, the order mariodoebler's loader gives for ``seed``.
+
+    This is how TRIBE's GLI-TTA composes the two: the long-tailed subset first, the local
+    (Dirichlet) correlation over it. TRIBE uses its own Dirichlet variant (slots without
+    NOTE's capacity rule); here the library's label orders apply, so any of
+    ``iid``/``sorted``/``dirichlet`` can sit on top of the imbalance.
+
+    Returns:
+        int64 positions into ``labels`` in stream order (a subset when imbalanced).
+    """
+    if seeding not in SEEDINGS:
+        raise ValueError(f"seeding must be one of {SEEDINGS}, got {seeding!r}")
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    if imbalance_factor is None:
+        keep = np.arange(len(labels), dtype=np.int64)
+    else:
+        keep = long_tailed_subset(labels, num_classes, imbalance_factor, rng, class_order=imbalance_order)
+    common = dict(num_classes=num_classes, delta=delta, min_chunk_size=min_chunk_size, timeout_s=timeout_s)
+    if seeding == "official":
+        inner = official_order(labels[keep], kind, seed, **common)
+    else:
+        inner = order_labels(labels[keep], kind, rng, **common)
+    return keep[inner]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from benchmarks.streams.config import StreamConfig
-from benchmarks.streams.label_order import order_labels
+from benchmarks.streams.label_order import segment_order
 from benchmarks.streams.schedule import Segment, build_segments
 from benchmarks.streams.sources import DomainSource
 
@@ -69,10 +69,11 @@ def plan_stream(config: StreamConfig, source: DomainSource) -> StreamPlan:
     """Lay out every sample of ``config``'s stream in order (§9.2, §9.3).
 
     For each segment: pool the samples of its domain(s) (the first ``n_examples`` rows of
-    each source, ``replays`` times), shuffle with a generator freshly seeded with
-    ``config.seed`` (as the official loaders reseed per domain, so every domain presents the
-    same image order), apply the label order, and cut into batches of ``batch_size`` (the
-    last one of a segment may be smaller).
+    each source, ``replays`` times), optionally keep a long-tailed subsample (global class
+    imbalance), shuffle with a generator freshly seeded with ``config.seed`` (as the
+    official loaders reseed per domain, so every domain presents the same image order),
+    apply the label order (see :func:`benchmarks.streams.label_order.segment_order`), and
+    cut into batches of ``batch_size`` (the last one of a segment may be smaller).
     """
     segments = tuple(build_segments(config))
     keys: list[Hashable] = []
@@ -110,16 +111,20 @@ def plan_stream(config: StreamConfig, source: DomainSource) -> StreamPlan:
             pool["base_index"].append(base)
             pool["sample_id"].append(virtual)
         merged = {name: np.concatenate(parts) for name, parts in pool.items()}
-        rng = np.random.default_rng(config.seed)
-        order = order_labels(
+        order = segment_order(
             merged["labels"],
             config.effective_label_order,
-            rng,
+            config.seed,
             num_classes=int(num_classes),  # type: ignore[arg-type]
             delta=config.delta,
+            seeding=config.seeding,
+            imbalance_factor=config.imbalance_factor,
+            imbalance_order=config.imbalance_order,
             min_chunk_size=config.dirichlet_min_chunk,
             timeout_s=config.dirichlet_timeout_s,
         )
+        if len(order) == 0:
+            raise ValueError(f"segment {segment.name!r} keeps no samples (imbalance_factor={config.imbalance_factor})")
         for name in columns:
             columns[name].append(merged[name][order])
         start, stop = segment_bounds[-1], segment_bounds[-1] + len(order)

@@ -9,7 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.streams import dirichlet_chunks, dirichlet_order, iid_order, label_runs, mean_run_length, order_labels, sorted_order
+from benchmarks.streams import (
+    dirichlet_chunks,
+    dirichlet_order,
+    iid_order,
+    label_runs,
+    mean_run_length,
+    order_labels,
+    segment_order,
+    sorted_order,
+)
 
 BALANCED = np.repeat(np.arange(10), 200)  # N = 2000, C = 10
 
@@ -115,4 +124,85 @@ def test_dirichlet_matches_official_code_with_legacy_rng(delta):
     finally:
         np.random.set_state(state)
     order = dirichlet_order(labels, 10, delta, np.random.RandomState(11))
+    assert [samples[i] for i in order] == expected
+
+
+# -- the official seeding (mariodoebler's test loader) -------------------------------------------
+
+
+def _loader_order(labels: np.ndarray, seed: int, sort_key=None) -> list[int]:
+    """What the official loader does to a domain's sample list for run seed ``seed``:
+    ``random.seed(seed)`` then ``random.shuffle(samples)`` (and, when sorting, a stable sort
+    by label). Written from the loader's documented steps, with positions as samples."""
+    import random
+
+    state = random.getstate()
+    try:
+        random.seed(seed)
+        positions = list(range(len(labels)))
+        random.shuffle(positions)
+    finally:
+        random.setstate(state)
+    if sort_key == "label":
+        positions.sort(key=lambda i: labels[i])
+    return positions
+
+
+def test_official_seeding_shuffles_like_the_official_loader():
+    labels = np.random.default_rng(3).integers(0, 5, size=97)
+    for seed in (1, 2, 2020):
+        iid = segment_order(labels, "iid", seed, num_classes=5, seeding="official")
+        assert iid.tolist() == _loader_order(labels, seed)
+        sorted_ = segment_order(labels, "sorted", seed, num_classes=5, seeding="official")
+        assert sorted_.tolist() == _loader_order(labels, seed, sort_key="label")
+        assert np.array_equal(segment_order(labels, "dirichlet", seed, num_classes=5, delta=0.0, seeding="official"), sorted_)
+        # the library default draws from np.random.default_rng(seed): another order
+        assert segment_order(labels, "iid", seed, num_classes=5).tolist() != iid.tolist()
+
+
+def test_official_seeding_draws_the_dirichlet_order_from_a_fresh_global_numpy_state():
+    labels = np.repeat(np.arange(10), 30)
+    shuffled = np.asarray(_loader_order(labels, 7))
+    expected = shuffled[dirichlet_order(labels[shuffled], 10, 0.1, np.random.RandomState(7))]
+    got = segment_order(labels, "dirichlet", 7, num_classes=10, delta=0.1, seeding="official")
+    assert np.array_equal(got, expected)
+    state = np.random.get_state()
+    segment_order(labels, "dirichlet", 7, num_classes=10, delta=0.1, seeding="official")
+    assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state()[1:2], state[1:2]))  # global RNG untouched
+
+
+def test_official_seeding_in_a_stream_plan():
+    from benchmarks.streams import GeneratedSource, StreamConfig, plan_stream
+    from tests.benchmarks.test_streams import tiny_arrays
+
+    arrays = tiny_arrays(n=120, num_classes=4)
+    for order in ("iid", "sorted"):
+        config = StreamConfig(domains=("fog", "snow"), label_order=order, seeding="official", seed=5, batch_size=16)
+        plan = plan_stream(config, GeneratedSource(arrays))
+        expected = _loader_order(arrays.labels, 5, sort_key="label" if order == "sorted" else None)
+        for start in (0, 120):  # both domains present the loader's order for the seed
+            assert plan.base_index[start : start + 120].tolist() == expected
+    with pytest.raises(ValueError, match="seeding"):
+        StreamConfig(seeding="numpy")
+
+
+@pytest.mark.parametrize("delta", [0.1, 1.0])
+def test_official_seeding_matches_the_official_loader_steps(delta):
+    """Differential: the official ``sort_by_dirichlet`` after the loader's seeding and shuffle."""
+    import random
+
+    official = _official_sort_by_dirichlet()
+    labels = np.random.default_rng(5).integers(0, 10, size=1500)
+    samples = [(f"img{i}.png", int(y)) for i, y in enumerate(labels)]
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        random.seed(3)
+        np.random.seed(3)
+        shuffled = list(samples)
+        random.shuffle(shuffled)
+        expected = official(delta, shuffled)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    order = segment_order(labels, "dirichlet", 3, num_classes=10, delta=delta, seeding="official")
     assert [samples[i] for i in order] == expected
