@@ -533,6 +533,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if block is None:
             print(f"error: {path} holds no protocol block", file=sys.stderr)
             return 2
+        try:
+            check_version(block, str(path))
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         blocks.append(block)
     if args.command == "show":
         for key, value in flatten(blocks[0]).items():

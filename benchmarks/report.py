@@ -87,8 +87,9 @@ def make_report(
         notes.append(
             f"the runs fall into {len(groups)} protocol groups that differ in keys nobody swept "
             f"({', '.join(comparison.differing_keys) or 'a missing protocol block'}); each group gets its own "
-            "tables, so numbers of different protocols are never side by side. If a difference is intended, "
-            "name it with --swept KEY (a config key such as model, or a protocol key such as model.weights_sha256)."
+            "tables, so numbers of different protocols are never side by side (keys that may differ within a "
+            f"table: {', '.join(comparison.swept_prefixes)}). If a difference is intended, name it with --swept KEY "
+            "(a config key such as model, or a protocol key such as model.weights_sha256)."
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}

@@ -94,7 +94,9 @@ class ProtocolGroup:
 @dataclass
 class Comparison:
     groups: list[ProtocolGroup]
+    #: config keys found swept in the overrides, plus the ones named by the caller
     swept_keys: list[str]
+    #: the protocol keys that may differ within a group
     swept_prefixes: tuple[str, ...]
 
     @property

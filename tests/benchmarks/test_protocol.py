@@ -198,3 +198,11 @@ def test_diff_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert protocol_main(["diff", str(a), str(b), "--ignore", "data"]) == 0
     assert protocol_main(["show", str(a)]) == 0
     assert 'model.weights_sha256 = "w1"' in capsys.readouterr().out
+
+
+def test_diff_cli_refuses_a_newer_protocol_version(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(variant()))
+    b.write_text(json.dumps({**variant(), "version": PROTOCOL_VERSION + 1}))
+    assert protocol_main(["diff", str(a), str(b)]) == 2
+    assert "newer than this code" in capsys.readouterr().err
