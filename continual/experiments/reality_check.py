@@ -29,6 +29,7 @@ Runs are cached in ``--out`` by their full configuration, so an interrupted call
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -105,19 +106,45 @@ class RunCache:
     """Runs by configuration, persisted after each one (a rerun skips what is done)."""
 
     def __init__(
-        self, path: Path | None, runner: Callable[[RunConfig], dict[str, Any]], also: Sequence[Path] = ()
+        self, path: Path | None, runner: Callable[[RunConfig], dict[str, Any]], also: Sequence[Path] = (),
+        shared: bool = False,
     ) -> None:
-        self.path, self.runner = path, runner
+        if shared and path is None:
+            raise ValueError("parallel workers need a file (path) in their shared folder")
+        self.path, self.runner, self.shared = path, runner, shared
         self.runs: dict[str, dict[str, Any]] = {}
-        # ``also``: caches of other calls (e.g. one per strategy, run in parallel), read only.
-        for source in [*also, *([path] if path is not None else [])]:
-            if source.exists():
-                for record in json.loads(source.read_text())["runs"]:
-                    self.runs[_key(RunConfig(**record["config"]))] = record
+        # ``also``: caches of other calls, read only. ``shared``: parallel workers, each with
+        # its own file in the folder of ``path``, claim runs there and read each other's.
+        self._read([*also, *([path] if path is not None else [])])
+
+    def _read(self, sources: Sequence[Path]) -> None:
+        for source in sources:
+            try:
+                records = json.loads(source.read_text())["runs"]
+            except (OSError, ValueError, KeyError):
+                continue  # absent, or being replaced right now: read again later
+            for record in records:
+                self.runs.setdefault(_key(RunConfig(**record["config"])), record)
+
+    def _wait_or_claim(self, key: str) -> bool:
+        """With a shared folder (several worker processes, each with its own file there):
+        True if this process claimed the run, False once another worker's result is read."""
+        assert self.path is not None
+        claim = self.path.parent / "claims" / (hashlib.sha1(key.encode()).hexdigest() + ".claim")
+        claim.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            self._read(sorted(self.path.parent.glob("*.json")))
+            if key in self.runs:
+                return False
+            try:
+                claim.open("x").close()
+                return True
+            except FileExistsError:
+                time.sleep(10)  # another worker runs it
 
     def __call__(self, config: RunConfig) -> dict[str, Any]:
         key = _key(config)
-        if key not in self.runs:
+        if key not in self.runs and (not self.shared or self._wait_or_claim(key)):
             self.runs[key] = self.runner(config)
             if self.path is not None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -261,14 +288,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--strategies", nargs="+", default=["er", "naive"], choices=["er", "naive"])
     parser.add_argument("--also", type=Path, nargs="*", default=[], help="other calls' run files to reuse")
     parser.add_argument("--phases", nargs="+", default=["reality_check", "usual"], choices=["reality_check", "usual"])
+    parser.add_argument("--worker", action="store_true",
+                        help="one of several parallel calls: --out in a folder they share, one file each")
+    parser.add_argument("--reverse", action="store_true", help="methods in reverse order (a second worker)")
     args = parser.parse_args(argv)
     protocol = ProtocolConfig(
         shared={**ProtocolConfig().shared, "nf": args.nf, "threads": args.threads},
         evaluation_seeds=tuple(args.evaluation_seeds),
-        methods=tuple(m for m in METHODS if m[0] in args.strategies),
+        methods=tuple(m for m in (METHODS[::-1] if args.reverse else METHODS) if m[0] in args.strategies),
     )
     start = time.perf_counter()
-    runs = RunCache(args.out, default_runner(), also=args.also)
+    runs = RunCache(args.out, default_runner(), also=args.also, shared=args.worker)
     rows = run_protocol(protocol, runs, args.phases)
     if not rows:
         print(f"{len(runs.runs)} runs, {time.perf_counter() - start:.0f} s; tables need both phases")

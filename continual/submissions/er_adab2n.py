@@ -21,7 +21,7 @@ from continual.submissions.common import LEARNING_RATE, online_strategy
 MEMORY_SIZE = 200
 REPLAY_BATCH = 10
 #: Hydra sweep syntax, read by the harness without running this file.
-SEARCH_SPACE = {"lr": "0.01,0.03,0.1", "kappa": "0.2,0.8", "lambd": "0.03,0.3"}
+SEARCH_SPACE = {"kappa": "0.2,0.8", "lambd": "0.03,0.3"}
 
 
 def make_strategy(context: SubmissionContext) -> Naive:
