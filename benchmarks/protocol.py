@@ -43,7 +43,8 @@ import platform
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from enum import Enum
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -275,8 +276,8 @@ def canonical(value: Any) -> Any:
         return {str(k): canonical(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [canonical(v) for v in value]
-    if hasattr(value, "value") and type(value).__module__ != "builtins" and hasattr(type(value), "__members__"):
-        return canonical(value.value)  # Enum
+    if isinstance(value, Enum):
+        return canonical(value.value)
     if isinstance(value, (np.generic,)):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):

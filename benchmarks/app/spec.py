@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -113,7 +114,7 @@ def _plain(value: Any) -> Any:
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
-    return getattr(value, "value", value) if hasattr(type(value), "__members__") else value
+    return value.value if isinstance(value, Enum) else value
 
 
 def _task_overrides() -> tuple[str, ...]:
