@@ -6,3 +6,6 @@ from tta.methods import rbn  # noqa: F401
 from tta.methods import balanced_bn  # noqa: F401
 from tta.methods import rotta  # noqa: F401
 from tta.methods import tribe  # noqa: F401
+from tta.methods import roid  # noqa: F401
+from tta.methods import eata  # noqa: F401
+from tta.methods import unmix_tns_mass  # noqa: F401
