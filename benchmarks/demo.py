@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from typing import Sequence
 
@@ -41,7 +42,9 @@ def run_demo(
     Each domain is a separate stream (reset between domains); ``replays`` presents the digits
     test split several times with fresh corruption draws so statistics have time to settle.
     """
-    model = digits_source_model(progress=progress)
+    # First use trains the model: a bar on a terminal; the per-epoch log lines go to the log
+    # either way (main() configures logging at INFO).
+    model = digits_source_model(progress=progress and sys.stderr.isatty())
     errors: dict[tuple[str, str], dict[str, float]] = {}
     for order in ORDERS:
         config = StreamConfig(
