@@ -269,10 +269,12 @@ def map_coordinates_scipy(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tenso
     r0, c0 = r0.to(torch.int64), c0.to(torch.int64)
     source = x.to(torch.float64)
     total: torch.Tensor | None = None
+    # folded coordinates lie in [-1, n - 1], so the neighbours are in [-1, n] and the
+    # symmetric border maps them by clamping
     for i in (0, 1):
-        r = map_index_tensor(r0 + i, h, "symmetric")
+        r = (r0 + i).clamp_(0, h - 1)
         for j in (0, 1):
-            q = map_index_tensor(c0 + j, w, "symmetric")
+            q = (c0 + j).clamp_(0, w - 1)
             term = _gather_pixels(source, r, q) * wr[i].unsqueeze(1) * wc[j].unsqueeze(1)
             total = term if total is None else total + term
     assert total is not None
