@@ -31,8 +31,12 @@ DEFAULT_METHODS: dict[str, dict[str, Any]] = {
     "rbn": {},
     "balanced_bn": {},
     "rotta": {},
+    "tribe": {},
+    "roid": {},
+    "eata": {},
+    "unmix_tns_mass": {"k": 16},
 }
-STATISTICS_METHODS = ("norm", "alpha_bn", "unmix_tns", "rbn", "balanced_bn")
+STATISTICS_METHODS = ("norm", "alpha_bn", "unmix_tns", "rbn", "balanced_bn", "unmix_tns_mass")
 PLAIN = "plain"
 
 

@@ -36,9 +36,9 @@ class BalancedBatchNorm(AdaptiveNorm):
 
     Then it normalizes with the updated ``mu_g, sigma_g^2``. Following the official code,
     ``var_k`` is the *unbiased* variance over classes (``Tensor.var``), not the biased one
-    the law of total variance gives; the per-sample moments come from instance statistics
-    (``mean_hw(d^2) = var_hw(x) + mean_hw(d)^2``), equal to the official direct sums up to
-    rounding. The update is batched over classes, samples and streams (scatter-adds over
+    the law of total variance gives. Without autograd the per-sample moments come from the
+    fused instance statistics (``mean_hw(d^2) = var_hw(x) + mean_hw(d)^2``, equal to the
+    official centred sums up to rounding); under autograd from the centred sums. The update is batched over classes, samples and streams (scatter-adds over
     ``stream * K + class``), with no host synchronisation.
 
     **Unlabelled forward** (``labels`` is None): ``frozen = True`` normalizes with the stored
@@ -95,17 +95,23 @@ class BalancedBatchNorm(AdaptiveNorm):
         if labels.shape != (x.shape[0],):
             raise ValueError(f"labels must have shape ({x.shape[0]},), got {tuple(labels.shape)}")
         s, k, c = self.local_mean.shape
-        if x.dim() > 2:
-            sample_mean, sample_var = instance_stats(x)  # (N, C) float32
-        else:
-            sample_mean, sample_var = x.float(), torch.zeros_like(x, dtype=torch.float32)
         per_stream = x.shape[0] // s
         stream = torch.arange(s, device=x.device).repeat_interleave(per_stream)
         index = stream * k + labels.to(x.device).long()  # (N,) row of the flattened (S*K) state
         local_mean = self.local_mean.reshape(s * k, c)
         local_var = self.local_var.reshape(s * k, c)
-        diff = sample_mean - local_mean[index]  # mean_hw(d_n)
-        diff_sq = sample_var + diff.square()  # mean_hw(d_n^2)
+        centre = local_mean[index]  # (N, C): each sample's class mean
+        if x.dim() > 2 and not (torch.is_grad_enabled() and x.requires_grad):
+            sample_mean, sample_var = instance_stats(x)  # (N, C) float32, fused row moments
+            diff = sample_mean - centre  # mean_hw(d_n)
+            diff_sq = sample_var + diff.square()  # mean_hw(d_n^2)
+        else:
+            # under autograd (TRIBE trains through these statistics): the official centred
+            # sums, one elementwise pass, instead of the slower differentiable var_mean
+            dims = tuple(range(2, x.dim()))
+            centred = x.float() - centre.view(*centre.shape, *([1] * len(dims)))
+            diff = centred.mean(dims) if dims else centred
+            diff_sq = centred.square().mean(dims) if dims else centred.square()
         count = torch.zeros(s * k, device=x.device, dtype=torch.float32).index_add_(
             0, index, torch.ones_like(index, dtype=torch.float32)
         )
