@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 import tta
 from tta.methods import rotta as rotta_module
