@@ -133,6 +133,9 @@ def zoom_factors(severity: int) -> np.ndarray:
     return np.arange(1.0, ZOOM_END[severity - 1], 0.01)
 
 
+_ZOOM_CPU_COLUMNS = 24  # image channels per pass on the CPU: the float64 terms stay in cache
+
+
 @register("zoom_blur")
 def zoom_blur(x: torch.Tensor, severity: int, rng: SampleRandom) -> torch.Tensor:
     """Mean of the image and its centre zooms by every factor (§9.1 item 7).
@@ -143,17 +146,20 @@ def zoom_blur(x: torch.Tensor, severity: int, rng: SampleRandom) -> torch.Tensor
     ``(x + sum) / (n + 1)``. Every step is element-wise, so a sample's result does not
     depend on the batch (a single matrix product would: BLAS blocks its sums by the batch
     size). The pixels are laid out as rows of ``(H*W, B*C)`` so that each neighbour gather
-    copies whole rows.
+    copies whole rows; on the CPU a few image channels at a time.
     """
     b, c, h, w = x.shape
     factors = zoom_factors(severity)
+    gathers = [_filters.clipped_zoom_gather(h, w, float(f), x.device) for f in factors]
     x32 = x.to(torch.float32).reshape(b * c, h * w).T
-    pixels = x32.to(torch.float64).contiguous()
-    acc = torch.zeros_like(x32)
-    for factor in factors:
-        index, weight_r, weight_c = _filters.clipped_zoom_gather(h, w, float(factor), x.device)
-        terms = pixels.index_select(0, index.view(-1)).view(4, h * w, b * c) * weight_r[..., None] * weight_c[..., None]
-        zoomed = ((terms[0] + terms[1]) + terms[2]) + terms[3]
-        acc = acc + zoomed.to(torch.float32)
-    out = (x32 + acc) / float(len(factors) + 1)
+    out = torch.empty_like(x32)
+    step = _ZOOM_CPU_COLUMNS if x.device.type == "cpu" else b * c
+    for start in range(0, b * c, step):
+        columns = slice(start, start + step)
+        pixels = x32[:, columns].to(torch.float64).contiguous()
+        acc = torch.zeros_like(x32[:, columns])
+        for index, weight_r, weight_c in gathers:
+            terms = pixels.index_select(0, index.view(-1)).view(4, h * w, -1) * weight_r[..., None] * weight_c[..., None]
+            acc = acc + (((terms[0] + terms[1]) + terms[2]) + terms[3]).to(torch.float32)
+        out[:, columns] = (x32[:, columns] + acc) / float(len(factors) + 1)
     return out.T.reshape(b, c, h, w).clamp_(0.0, 1.0)
