@@ -278,7 +278,9 @@ def canonical(value: Any) -> Any:
         return [canonical(v) for v in value]
     if isinstance(value, Enum):
         return canonical(value.value)
-    if isinstance(value, (np.generic,)):
+    if isinstance(value, str):
+        return str(value)  # plain str: subclasses such as torch's TorchVersion do not unpickle safely
+    if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -417,7 +419,7 @@ def software_protocol(device: str | torch.device) -> SoftwareProtocol:
         git_commit=commit,
         git_dirty=dirty,
         python=platform.python_version(),
-        torch=torch.__version__,
+        torch=str(torch.__version__),
         torchvision=_version("torchvision"),
         timm=_version("timm"),
         numpy=np.__version__,

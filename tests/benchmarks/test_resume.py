@@ -235,7 +235,9 @@ def test_sigkill_at_random_batches_then_restart_gives_identical_result_files(tmp
     pattern = out / "resume" / "*" / "checkpoint.pt"
     for _ in range(2):  # two kills, each after 1-12 new checkpoints of the 40 batches
         before = _versions(pattern)
-        assert _kill_after_writes(_start(out, env), pattern, rng.randint(1, 12), before, rng), "finished before the kill"
+        process = _start(out, env)
+        if not _kill_after_writes(process, pattern, rng.randint(1, 12), before, rng):
+            pytest.fail(f"the run ended (status {process.returncode}) before it was killed:\n{process.communicate()[0]}")
     assert not list((out / "resume").glob("*/run.json"))
     final = _start(out, env)
     log = final.communicate(timeout=400)[0]
@@ -247,3 +249,13 @@ def test_sigkill_at_random_batches_then_restart_gives_identical_result_files(tmp
     for name in ("results.csv", "results.json", "config.json"):
         assert (run_dir / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name
     assert record["fingerprint"] == json.loads((tmp_path / "reference" / "run.json").read_text())["fingerprint"]
+
+
+def test_a_checkpoint_holding_a_real_protocol_block_reads_back_with_weights_only(tmp_path: Path) -> None:
+    from benchmarks.protocol import canonical, software_protocol
+
+    # software.torch is torch's TorchVersion, a str subclass that weights_only refuses
+    block = {"software": software_protocol("cpu"), "schema": "tta-protocol"}
+    checkpoint = StreamCheckpoint(tmp_path / "ck.pt", 1, "a" * 64, protocol=canonical(block))
+    checkpoint.save(model=Noisy(), position=1, recorders=[], extra={})
+    assert StreamCheckpoint(tmp_path / "ck.pt", 1, "a" * 64).load()["position"] == 1
