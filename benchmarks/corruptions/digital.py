@@ -60,10 +60,11 @@ def opencv_affine_transform(src: torch.Tensor, dst: torch.Tensor) -> torch.Tenso
     own small-matrix LU: partial pivoting on the first strictly largest ``|pivot|``,
     ``alpha = A[j, i] * (-1 / A[i, i])``, ``A[j, k] += alpha * A[i, k]``, then back
     substitution ``s -= A[i, k] * b[k]`` for increasing ``k`` and ``b[i] = s * (1 /
-    A[i, i])``. The same operations run here element-wise over the batch (a loop over
-    the 6 matrix rows, not over samples), so the map matches OpenCV to the last bit and
-    the 1/1024-pixel roundings of the warp that follows agree. ``src``/``dst`` hold float32
-    values (OpenCV's ``Point2f``), used as float64.
+    A[i, i])`` (OpenCV 4's ``hal::LU``). The same operations run here element-wise over the
+    batch (a loop over the 6 matrix rows, not over samples). OpenCV 5 orders the solve
+    differently (last-bit differences, tested), far below what moves a 1/1024-pixel
+    rounding of the warp. ``src``/``dst`` hold float32 values (OpenCV's ``Point2f``), used
+    as float64.
     """
     b = src.shape[0]
     src, dst = src.to(torch.float64), dst.to(torch.float64)
