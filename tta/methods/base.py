@@ -525,6 +525,7 @@ class StateGuard:
         self.attributes: list[tuple[Method, str, Any, Any]] = []
         generators = {id(g): g for m in methods for g in m.generators()}
         self.generators = [(g, g.get_state()) for g in generators.values()]
+        self._drawn = [bytes(state.numpy()) for _, state in self.generators]
         with torch.no_grad():
             self.saved = torch._foreach_clone([t.detach() for t in self.in_place]) if self.in_place else []
             for method in methods:
@@ -533,8 +534,18 @@ class StateGuard:
                         clone = _map_tensors(value, lambda t: t.detach().clone())
                         self.attributes.append((method, name, clone, _layout(value)))
 
+    def _generators_drawn(self) -> list[tuple[torch.Generator, torch.Tensor]]:
+        # compared as bytes on the host: generator states are CPU tensors, and no operator
+        # needs to run for methods that draw nothing during a step
+        return [
+            (generator, saved)
+            for (generator, saved), before in zip(self.generators, self._drawn)
+            if bytes(generator.get_state().numpy()) != before
+        ]
+
     def __bool__(self) -> bool:
-        return bool(self.in_place or self.attributes or self.generators)
+        """Whether anything is guarded (after the step: including generators that drew)."""
+        return bool(self.in_place or self.attributes or self._generators_drawn())
 
     def current(self) -> list[torch.Tensor]:
         """The guarded floating tensors as the step left them (to test for finiteness)."""
@@ -557,10 +568,11 @@ class StateGuard:
                     setattr(method, name, _zip_tensors(new, saved, lambda a, b: torch.where(ok, a, b) if a.is_floating_point() else a))
                 elif not bool(ok):
                     setattr(method, name, saved)
-            for generator, saved_state in self.generators:
-                # a method that drew random numbers in this step: the stream rewinds on a bad
-                # batch (a host decision, so only on steps that drew)
-                if not torch.equal(generator.get_state(), saved_state) and not bool(ok):
+            drawn = self._generators_drawn()
+            # a method that drew random numbers in this step: the stream rewinds on a bad batch
+            # (a host decision, so only on steps that drew)
+            if drawn and not bool(ok):
+                for generator, saved_state in drawn:
                     generator.set_state(saved_state)
 
 
