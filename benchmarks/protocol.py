@@ -26,8 +26,10 @@ the swept keys. ``python -m benchmarks.protocol diff A B`` prints the difference
 records (or protocol JSON files), e.g. a local run and a published one.
 
 The continual-learning experiments record a :class:`ContinualProtocol` (the same sections,
-with the data and setting of a class-incremental or Si-Blurry stream) and ``benchmarks.perf``
-a :class:`PerfProtocol` (seeded random weights and inputs, timing definition, software).
+with the data and setting of a class-incremental or Si-Blurry stream), the competition
+harness a :class:`HarnessProtocol` (the submission file's sha256 stands for model and
+method) and ``benchmarks.perf`` a :class:`PerfProtocol` (seeded random weights and inputs,
+timing definition, software).
 
 Bump :data:`PROTOCOL_VERSION` whenever a field is added, removed or changes meaning.
 """
@@ -243,6 +245,53 @@ class ContinualProtocol:
 
     def fingerprint(self) -> str:
         return fingerprint_of(self.to_dict())
+
+
+@dataclass(frozen=True)
+class HarnessProtocol:
+    """The protocol of a competition-harness record (``continual.harness``): the submission
+    is the model and the method, so it is pinned by its file's sha256; the data by the
+    scenario and hidden-label checksums the harness verifies."""
+
+    submission: Mapping[str, Any]
+    data: Mapping[str, Any]
+    setting: Mapping[str, Any]
+    metric: MetricProtocol
+    method: MethodProtocol
+    software: SoftwareProtocol
+    kind: str = "continual.harness"
+    schema: str = PROTOCOL_SCHEMA
+    version: int = PROTOCOL_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return canonical(dataclasses.asdict(self))
+
+    def fingerprint(self) -> str:
+        return fingerprint_of(self.to_dict())
+
+
+def harness_protocol(record: Mapping[str, Any]) -> HarnessProtocol:
+    """The protocol of a harness run record (its ``config``, checksums and hyperparameters)."""
+    config = record.get("config", {})
+    setting_keys = ("num_tasks", "seed", "experience_size", "time_budget_s", "memory_budget_mb", "threads",
+                    "tuning_benchmark", "tuning_data_part", "tuning_budget_s", "max_trials", "criterion")
+    return HarnessProtocol(
+        submission={"name": record.get("name"), "sha256": record.get("submission_sha256")},
+        data={
+            "benchmark": config.get("benchmark"), "data_part": config.get("data_part"),
+            "train_per_class": config.get("train_per_class"), "test_per_class": config.get("test_per_class"),
+            "scenario_sha256": record.get("scenario_sha256"), "labels_sha256": record.get("labels_sha256"),
+        },
+        setting={key: config.get(key) for key in setting_keys},
+        metric=MetricProtocol(
+            name="A_auc,A_last,A_avg,F_last",
+            definition="Si-Blurry's online metrics (ALGORITHMS.md §9.5) on the hidden test set, seen classes only",
+            averaging="A_auc: mean of the accuracy measured every eval_period samples; A_avg: mean over task ends",
+            window=config.get("eval_period"),
+        ),
+        method=MethodProtocol(name=str(record.get("name")), hparams={"submission": dict(record.get("hparams") or {})}),
+        software=software_protocol("cpu"),
+    )
 
 
 @dataclass(frozen=True)

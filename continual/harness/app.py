@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from benchmarks.protocol import harness_protocol
 from continual.harness.config import HarnessConfig
 from continual.harness.records import ResultsStore, track_of
 from continual.harness.scoring import score
@@ -121,6 +122,8 @@ def run_competition(
         exit_code=outcome.exit_code,
         finished_at=_now(),
     )
+    protocol = harness_protocol(record)
+    record.update(protocol=protocol.to_dict(), fingerprint=protocol.fingerprint())
     if not store_record:
         record["log_text"] = log.decode(errors="replace")
         return record

@@ -57,6 +57,13 @@ def test_well_behaved_submission_is_scored(base_config, task) -> None:
     assert metrics["num_anytime_evaluations"] == 2
     stored = json.loads(Path(record["record"]).read_text())
     assert stored["status"] == "ok" and stored["metrics"] == metrics
+    from benchmarks.protocol import PROTOCOL_SCHEMA, fingerprint_of
+
+    protocol = stored["protocol"]  # the typed protocol block: submission, data checksums, setting
+    assert protocol["schema"] == PROTOCOL_SCHEMA and protocol["kind"] == "continual.harness"
+    assert stored["fingerprint"] == fingerprint_of(protocol)
+    assert protocol["submission"]["sha256"] == stored["submission_sha256"]
+    assert protocol["data"]["scenario_sha256"] == stored["scenario_sha256"] and protocol["setting"]["experience_size"] == 20
 
 
 def test_over_time_budget_is_stopped_and_recorded(base_config, task) -> None:
