@@ -290,7 +290,9 @@ class ROID(Method):
                     "pass consistency=False for other inputs"
                 )
             draw = draw_augmentation(self.generator, x.shape[-2], x.shape[-1])
-            if keep is None:  # without weighting every sample takes part with weight 1
+            if keep is None:
+                # without weighting every sample takes part with weight 1 (the official code
+                # has no such case: consistency without weighting refers to undefined names)
                 x_sel, ref, w_sel = x, out, torch.ones(n, device=out.device)
             else:
                 index = keep.nonzero().squeeze(1)  # the host synchronisation of the step
