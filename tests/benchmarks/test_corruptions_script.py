@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.corruptions import corrupt, to_uint8
+from benchmarks.corruptions import corrupt_uint8
 from benchmarks.data import load_cifar_c, load_digits
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "make_cifar_c.py"
@@ -54,7 +54,7 @@ def test_generated_subset_is_read_back(make_cifar_c, tmp_path: Path) -> None:
     assert sidecar["generator_version"].startswith("code-sha256:")
 
     loaded = load_cifar_c(tmp_path, "fog", 4)
-    expected = to_uint8(corrupt(source.to_tensor(), "fog", 4, seed=3)).permute(0, 2, 3, 1).numpy()
+    expected = corrupt_uint8(source.to_tensor(), "fog", 4, seed=3).permute(0, 2, 3, 1).numpy()
     np.testing.assert_array_equal(loaded.images, expected)  # batches of 4 == one batch of 10
     np.testing.assert_array_equal(loaded.labels, source.labels)
     with pytest.raises(ValueError, match="not generated"):
