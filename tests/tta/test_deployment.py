@@ -227,7 +227,7 @@ def test_a_hyperparameter_of_the_wrong_type_is_named_at_adapt_time(method: str, 
 @pytest.mark.parametrize(
     "method,hparams,error,match",
     [
-        ("tent", {"lr": "1e-3"}, TypeError, r"lr must be a float that must be > 0, got '1e-3' \(str\)"),
+        ("tent", {"lr": "1e-3"}, TypeError, r"lr must be a float \(> 0\), got '1e-3' \(str\)"),
         ("tent", {"lr": 0}, ValueError, r"lr must be > 0, got 0.0"),
         ("tent", {"optimizer": "adamw"}, ValueError, r"optimizer must be one of \['adam', 'sgd'\]"),
         ("tent", {"steps": 1.5}, TypeError, r"steps must be an integer"),
@@ -236,7 +236,7 @@ def test_a_hyperparameter_of_the_wrong_type_is_named_at_adapt_time(method: str, 
         ("alpha_bn", {"alpha": 1.5}, ValueError, r"alpha must lie in \[0, 1\]"),
         ("alpha_bn", {"layers": "1d"}, ValueError, r"layers must be one of \['spatial', 'all'\]"),
         ("sar", {"ema_decay": 1.0}, ValueError, r"ema_decay must lie in \[0, 1\)"),
-        ("sar", {"exclude": 3}, TypeError, r"exclude must be a list of a string"),
+        ("sar", {"exclude": 3}, TypeError, r"exclude must be a list of strings"),
         ("unmix_tns+tent", {"tent__lr": "fast"}, TypeError, r"method 'tent': hyperparameter lr"),
     ],
 )

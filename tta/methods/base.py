@@ -182,7 +182,8 @@ def _type_name(annotation: Any) -> str:
         return "None"
     if origin is tuple:
         args = typing.get_args(annotation)
-        return f"a list of {_type_name(args[0])}" if args else "a list"
+        plural = {str: "strings", int: "integers", float: "floats", bool: "bools"}
+        return f"a list of {plural.get(args[0], _type_name(args[0]))}" if args else "a list"
     if annotation is int:
         return "an integer"
     return {float: "a float", bool: "a bool", str: "a string"}.get(annotation, getattr(annotation, "__name__", str(annotation)))
@@ -204,7 +205,7 @@ def _convert(annotation: Any, value: Any) -> Any:
             except _TypeMismatch:
                 continue
         raise _TypeMismatch
-    if annotation is Any or annotation is typing.Any:
+    if annotation is Any:
         return value
     if annotation is bool:
         if isinstance(value, bool):
@@ -266,7 +267,9 @@ def check_hparams(method: str, hparams_cls: type, values: dict[str, Any]) -> dic
         except _TypeMismatch:
             accepted = _type_name(annotation)
             rule = _range_text(_base_type(annotation), dict(field.metadata))
-            detail = f" that must {rule}" if rule else ""
+            # "be > 0" -> " (> 0)", "lie in [0, 1]" -> " (in [0, 1])", "be one of [...]" -> " (one of [...])"
+            hint = ">= 1" if rule == "be a positive integer" else (rule or "").removeprefix("be ").removeprefix("lie ")
+            detail = f" ({hint})" if hint else ""
             raise TypeError(
                 f"method {method!r}: hyperparameter {name} must be {accepted}{detail}, "
                 f"got {value!r} ({type(value).__name__})"
@@ -396,9 +399,10 @@ class MasterOptimizer:
         return found
 
     def follow(self, device: torch.device, low_precision: bool) -> None:
-        """After the parameters moved to ``device``: move the masters and the state there
-        (dtypes kept); give parameters that became half precision their own fp32 master
-        (``low_precision``: called before the conversion, so the master keeps fp32 values)."""
+        """Called by ``Adapted.to()``/``.half()`` before the model converts: move the masters
+        and the state to ``device`` (dtypes kept), and give fp32 parameters that are about to
+        become half precision (``low_precision``) their own fp32 master, cloned now so it
+        keeps the fp32 values."""
         remap: dict[int, torch.Tensor] = {}
         for index, (param, master) in enumerate(zip(self.params, self.masters)):
             if master is param and low_precision and param.dtype not in _LOW_PRECISION:
