@@ -102,9 +102,8 @@ def compute_fisher(
         for layer in layers:
             layer.adapting = False
         for batch in loader:
-            x = _batch_input(batch).to(device)
-            for p in params:
-                p.grad = None
+            x = _batch_input(batch)
+            x = x.to(device=device, dtype=params[0].dtype if x.is_floating_point() else None)
             with torch.enable_grad():
                 out = model(x)
                 loss = F.cross_entropy(out.float(), out.detach().argmax(1))
@@ -139,8 +138,8 @@ class ETAHparams:
     weight_decay: float = hparam(0.0, low=0.0)
     #: entropy margin E_0 (Eq. 3); None: 0.4 ln C for C classes (official 0.4 ln 1000)
     e0: float | None = hparam(None, low=0.0, low_open=True)
-    #: redundancy margin epsilon of |cos| (Eq. 5): 0.4 for 10 classes (EATA paper's CIFAR-10
-    #: setting, mariodoebler CIFAR-10 config); official ImageNet default 0.05
+    #: redundancy margin epsilon of |cos| (Eq. 5): 0.4, the mariodoebler CIFAR-10-C config
+    #: (with 10 classes the official ImageNet default 0.05 would reject nearly every sample)
     d_margin: float = hparam(0.4, low=0.0, low_open=True)
     #: gradient steps per batch (official 1)
     steps: int = hparam(1, low=1)
@@ -250,8 +249,8 @@ class ETA(Method):
 
 @dataclasses.dataclass
 class EATAHparams(ETAHparams):
-    #: trade-off beta of the Fisher regularizer (Eq. 8): 1 for CIFAR-10 (EATA paper,
-    #: mariodoebler CIFAR-10 config); official ImageNet default 2000. 0 runs ETA.
+    #: trade-off beta of the Fisher regularizer (Eq. 8): 1, the mariodoebler CIFAR-10-C
+    #: config; official ImageNet default 2000. 0 runs ETA.
     fisher_alpha: float = hparam(1.0, low=0.0)
     #: source data for the Fisher information: any iterable of batches (tensors, or tuples /
     #: lists whose first item is the input, e.g. a torch DataLoader; labels are ignored).

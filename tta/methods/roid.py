@@ -226,10 +226,10 @@ class ROID(Method):
     * N is the actual batch size; the official code divides by the configured
       ``TEST.BATCH_SIZE`` (the same except for a shorter last batch);
     * a batch of one sample is adapted like any other: its min-max weights are 0/0 = NaN, as
-      in the official code, so its gradient is zeroed (:func:`tta.methods.entropy.
-      nonfinite_guard_`) instead of turning the parameters into NaN; the ensembling and the
-      moving average still move. The official framework instead buffers single samples in a
-      sliding window;
+      in the official code, so its gradient is zeroed
+      (:func:`tta.methods.entropy.nonfinite_guard_`) instead of turning the parameters into
+      NaN; the ensembling and the moving average still move. The official framework instead
+      buffers single samples in a sliding window;
     * the model stays in eval mode (as in the official code); no mixed precision (fp16/bf16
       parameters train on fp32 masters, see :class:`tta.methods.base.MasterOptimizer`);
     * the augmentation draws from the wrapper's seeded generator, not the global RNG.
