@@ -2,11 +2,15 @@
 
 * :mod:`~benchmarks.app.schema`: structured configs registered in Hydra's ConfigStore;
 * :mod:`~benchmarks.app.identity`: run identity (hash of the resolved config) and resolvers;
-* :mod:`~benchmarks.app.checks`: checks against the code before any work starts;
+* :mod:`~benchmarks.app.spec`: the typed :class:`RunSpec`, converted once from the config;
+* :mod:`~benchmarks.app.checks`, :mod:`~benchmarks.app.preprocessing`: checks against the
+  code and the model/dataset preprocessing before any work starts;
+* :mod:`~benchmarks.app.fingerprint`: the run's protocol block (:mod:`benchmarks.protocol`);
 * :mod:`~benchmarks.app.models`: source models from config (no downloads);
 * :mod:`~benchmarks.app.runner`: one run, skipping finished ones;
 * :mod:`~benchmarks.app.records`: ``run.json`` completion records, finding finished runs;
-* :mod:`~benchmarks.app.aggregate`, :mod:`~benchmarks.app.plots`: the report.
+* :mod:`~benchmarks.app.compare`, :mod:`~benchmarks.app.aggregate`,
+  :mod:`~benchmarks.app.plots`: the report (protocol groups, tables, figures).
 
 Importing the package registers the schema and the ``tta.*`` resolvers, which every process
 that composes or resolves a config needs (launcher workers import it through the task
