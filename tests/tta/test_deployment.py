@@ -383,6 +383,17 @@ def test_documented_composition_override_works_through_the_hydra_app() -> None:
         assert built.method.hparams.lr == 1e-4
 
 
+def test_the_hydra_configs_get_the_same_hyperparameter_checks() -> None:
+    pytest.importorskip("hydra")
+    from benchmarks.app.checks import check_method
+    from benchmarks.app.errors import BenchConfigError
+
+    with pytest.raises(BenchConfigError, match=r"optimizer must be one of \['adam', 'sgd'\]"):
+        check_method("tent", {"optimizer": "adamw"})
+    with pytest.raises(BenchConfigError, match=r"layers must be one of \['spatial', 'all'\]"):
+        check_method("unmix_tns+tent", {"layers": "1d"})
+
+
 def test_benchmarks_doc_override_example_matches_the_configs() -> None:
     from pathlib import Path
 

@@ -65,7 +65,8 @@ Contract for method authors (what the wrapper does for you when you follow it)
    :meth:`guarded_tensors`.
 
 3. **Gradient methods** build their optimizer with :meth:`Method.make_optimizer` (or
-   :func:`tta.methods.entropy.build_optimizer`, which calls it) and register it::
+   :func:`tta.methods.entropy.build_optimizer`, which builds the same for Adam/SGD) and
+   register it::
 
        self.optimizer = self.make_optimizer(params, torch.optim.Adam, lr=hp.lr)
        self.register_state("optimizer")

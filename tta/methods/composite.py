@@ -59,6 +59,12 @@ class Composite(Method):
     def generator(self) -> torch.Generator:  # type: ignore[override]
         return self.statistics.generator
 
+    def generator_on(self, device: torch.device | str) -> torch.Generator:
+        return self.statistics.generator_on(device)
+
+    def generators(self) -> list[torch.Generator]:
+        return self.statistics.generators()
+
     def optimizers(self) -> list[Any]:
         return self.statistics.optimizers() + self.method.optimizers()
 
