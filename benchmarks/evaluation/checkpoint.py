@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -171,8 +172,7 @@ class StreamCheckpoint:
         return done % self.every == 0 and (total is None or done < total)
 
     def save(self, *, model: torch.nn.Module, position: int, recorders: list[dict[str, Any]], extra: Mapping[str, Any]) -> None:
-        import time
-
+        """Write the checkpoint after ``position`` batches (atomically)."""
         tick = time.perf_counter()
         payload = {
             "format": CHECKPOINT_FORMAT,
