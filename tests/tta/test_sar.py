@@ -171,6 +171,23 @@ def test_recovery_resets_a_collapsing_run():
     assert sar.optimizer.param_groups[0]["lr"] == 0.05
 
 
+def test_a_nonfinite_batch_never_recovers_in_faithful_mode():
+    """Faithful mode keeps the low average after a recovery, so the next batch would recover
+    again; a NaN batch must not (the wrapper undoes its step, the count must agree)."""
+    adapted = tta.adapt(ln_mlp(scale=100.0), "sar", lr=0.05, faithful=True)
+    adapted(batch())
+    sar = inner(adapted)
+    assert sar.num_recoveries == 1 and float(sar._ema) < 0.2
+    state = copy.deepcopy(adapted.state_dict())
+    bad = batch(seed=2)
+    bad[0, 0] = float("nan")
+    adapted(bad)
+    assert sar.num_recoveries == 1
+    for key, value in adapted.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, state[key]), key
+
+
 def test_faithful_recovery_keeps_the_sgd_momentum_buffers():
     """Official: reset() loads the optimizer state through SAM's load_state_dict, which does
     not touch the wrapped SGD's momentum buffers (mr-eggplant/SAR sar.py, sam.py)."""

@@ -257,8 +257,10 @@ class SAR(Method):
 
         # model recovery. The one host synchronisation of the step: whether to reset is a
         # decision on the moving average (algorithmic; official code does the same with .item())
+        # A batch with NaN/Inf in its output never recovers: the wrapper undoes its step anyway
+        # (tta.Adapted), and a recovery it then undid would still be counted.
         threshold = _OFFICIAL_E_M if hp.faithful else hp.e_m
-        if bool(self._ema_set & (self._ema < threshold)):
+        if bool(self._ema_set & (self._ema < threshold) & torch.isfinite(out).all()):
             self._recover(model)
         return out.detach()
 
