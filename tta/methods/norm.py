@@ -29,6 +29,10 @@ class Norm(StatisticsMethod):
     (``shared/reference/ALGORITHMS.md`` §1). With ``momentum=m`` it normalizes with
     ``(1 - m) * EMA + m * batch`` and keeps that as the new EMA, starting from the source
     statistics; see :class:`tta.layers.TestTimeBatchNorm`.
+
+    ``layers="all"`` (default) includes BatchNorm1d layers, as the mariodoebler port's
+    TENT/SAR configuration does; ``layers="spatial"`` keeps them at their source statistics,
+    as the official TENT and SAR code (which force batch statistics on BatchNorm2d only).
     """
 
     name = "norm"
