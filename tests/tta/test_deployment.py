@@ -6,7 +6,6 @@ Tiny model, tiny batches: each case runs in milliseconds.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import typing
