@@ -129,6 +129,10 @@ def setting_protocol(spec: RunSpec, streams: Sequence[Any]) -> SettingProtocol:
     params: dict[str, Any] = {}
     if order == "dirichlet":
         params = {"delta": float(config.delta), "min_chunk": int(config.dirichlet_min_chunk)}
+    params["seeding"] = config.seeding
+    if config.imbalance_factor is not None:
+        params["imbalance_factor"] = float(config.imbalance_factor)
+        params["imbalance_order"] = config.imbalance_order
     policy = RESET_POLICIES[config.schedule]
     if spec.num_streams > 1:
         policy += f" (the domains run as {spec.num_streams} parallel streams, each reset at its start)"

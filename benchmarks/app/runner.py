@@ -66,6 +66,10 @@ def setting_of(spec: RunSpec, stream: Any) -> dict[str, Any]:
         "schedule": stream.schedule,
         "label_order": order,
         "delta": float(stream.delta) if order == "dirichlet" else None,
+        "seeding": stream.seeding,
+        "imbalance": (
+            None if stream.imbalance_factor is None else f"{stream.imbalance_factor:g}:{stream.imbalance_order}"
+        ),
         "severities": ",".join(str(s) for s in stream.severities),
         "domains": "standard15" if tuple(stream.domains) == STANDARD_DOMAINS else ",".join(stream.domains),
         "batch_size": int(stream.batch_size),

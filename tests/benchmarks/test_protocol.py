@@ -206,3 +206,16 @@ def test_diff_cli_refuses_a_newer_protocol_version(tmp_path: Path, capsys: pytes
     b.write_text(json.dumps({**variant(), "version": PROTOCOL_VERSION + 1}))
     assert protocol_main(["diff", str(a), str(b)]) == 2
     assert "newer than this code" in capsys.readouterr().err
+
+
+def test_imbalance_and_seeding_are_in_the_setting_row_and_the_protocol(tmp_path: Path, digits_model) -> None:  # noqa: ANN001
+    from benchmarks.app.runner import setting_of
+
+    plain = RunSpec.from_config(compose_tiny(tmp_path))
+    skewed = RunSpec.from_config(compose_tiny(tmp_path, "stream.imbalance_factor=10"))
+    row_plain, row_skewed = setting_of(plain, plain.stream), setting_of(skewed, skewed.stream)
+    assert row_plain["imbalance"] is None and row_skewed["imbalance"] == "10:constant"
+    assert row_plain["seeding"] == "library"
+    params = protocol_for(tmp_path, "stream.imbalance_factor=10")["setting"]["label_order_params"]
+    assert params["imbalance_factor"] == 10.0 and params["imbalance_order"] == "constant"
+    assert params["seeding"] == "library"
