@@ -54,17 +54,6 @@ def _step_mode() -> Iterator[None]:
         yield
 
 
-def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """0-d bool on the device of ``tensors[0]``: whether every floating tensor on that device is
-    finite. One max-abs per tensor (no overflow, unlike a sum), no host synchronisation."""
-    device = tensors[0].device
-    floating = [t.detach() for t in tensors if t.is_floating_point() and t.device == device and t.numel()]
-    if not floating:
-        return torch.ones((), dtype=torch.bool, device=device)
-    norms = torch._foreach_norm(floating, float("inf"))
-    return torch.isfinite(torch.stack([n.float() for n in norms])).all()
-
-
 class Adapted(nn.Module):
     """A model that adapts online: each ``forward(x)`` adapts on the batch and returns the
     wrapped model's output for it.
@@ -145,7 +134,7 @@ class Adapted(nn.Module):
                 # layer's statistics came out finite (robust or per-class statistics)
                 commit_layers(layers, torch.isfinite(x).reshape(self.num_streams, -1).all(1))
             if guard:
-                guard.restore(_all_finite([x, out, *guard.current()]))
+                guard.settle(x, out)
             return out
 
     @contextlib.contextmanager

@@ -504,6 +504,10 @@ def _layout(obj: Any) -> Any:
     return None
 
 
+def _flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
 class StateGuard:
     """What :class:`tta.Adapted` uses to undo a step on a non-finite batch without a host
     synchronisation.
@@ -511,8 +515,10 @@ class StateGuard:
     Before the step it clones the guarded state of every part of the method: the tensors that
     :meth:`Method.guarded_tensors` lists (updated in place) and every registered attribute that
     holds floating tensors (plain tensors, dicts, lists, tuples). After the step,
-    :meth:`restore` selects per element ``where(ok, new, saved)``: in place for the former,
-    by reassigning the attribute for the latter. Only where an attribute's layout changed
+    :meth:`settle` tests the batch, the output and the new state for NaN/Inf and selects per
+    element ``where(ok, new, saved)``: in place for the former (one flat copy per device and
+    dtype, so a handful of kernels however many tensors), by reassigning the attribute for
+    the latter. Only where an attribute's layout changed
     during the step (a memory bank that grew), a tensor lives on another device than the
     flag, or the step drew from the method's generators does the decision need the host (one
     synchronisation, on those steps only; none on the CPU). Other Python values (counters,
@@ -532,7 +538,12 @@ class StateGuard:
         self.generators = [(g, g.get_state()) for g in generators.values()]
         self._drawn = [bytes(state.numpy()) for _, state in self.generators]
         with torch.no_grad():
-            self.saved = torch._foreach_clone([t.detach() for t in self.in_place]) if self.in_place else []
+            # one flat copy per (device, dtype): a step's restore is then a handful of kernels
+            # (cat, where, one foreach copy) instead of two per tensor
+            groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+            for tensor in self.in_place:
+                groups.setdefault((tensor.device, tensor.dtype), []).append(tensor.detach())
+            self.groups = [(tensors, _flatten(tensors)) for tensors in groups.values()]
             for method in methods:
                 for name, value in method.registered_state().items():
                     if any(t.is_floating_point() for t in _flat(value)):
@@ -552,33 +563,47 @@ class StateGuard:
         """Whether anything is guarded (after the step: including generators that drew)."""
         return bool(self.in_place or self.attributes or self._generators_drawn())
 
-    def current(self) -> list[torch.Tensor]:
-        """The guarded floating tensors as the step left them (to test for finiteness)."""
-        found = [t.detach() for t in self.in_place]
-        for method, name, _, _ in self.attributes:
-            found.extend(t.detach() for t in _flat(getattr(method, name, None)) if t.is_floating_point())
-        return found
+    def settle(self, *checks: torch.Tensor) -> None:
+        """After a step: keep its state when the ``checks`` (the batch, the output) and all
+        the new guarded state are finite, else put the saved state back. One finiteness flag
+        on the device of ``checks[0]``, no host synchronisation (see the class docstring)."""
+        device = checks[0].device
+        with torch.no_grad():
+            flats = [_flatten(tensors) if tensors[0].device == device else None for tensors, _ in self.groups]
+            tested = [c.detach() for c in checks if c.is_floating_point() and c.device == device]
+            tested += [f for f in flats if f is not None and f.is_floating_point()]
+            for method, name, _, _ in self.attributes:
+                tested += [t.detach() for t in _flat(getattr(method, name, None)) if t.is_floating_point() and t.device == device]
+            ok = torch.stack([torch.isfinite(t).all() for t in tested]).all() if tested else torch.ones((), dtype=torch.bool, device=device)
+            self._restore(ok, flats)
 
     def restore(self, ok: torch.Tensor) -> None:
         """Keep the new state where ``ok`` (a 0-d bool tensor) holds, else the saved one."""
         with torch.no_grad():
-            for tensor, saved in zip(self.in_place, self.saved):
-                if tensor.device == ok.device:
-                    torch.where(ok, tensor.detach(), saved, out=tensor.detach())
-                elif not bool(ok):  # a tensor on another device (e.g. a CPU step count)
-                    tensor.detach().copy_(saved)
-            for method, name, saved, layout in self.attributes:
-                new = getattr(method, name, None)
-                if _layout(new) == layout and all(t.device == ok.device for t in _flat(new)):
-                    setattr(method, name, _zip_tensors(new, saved, lambda a, b: torch.where(ok, a, b) if a.is_floating_point() else a))
-                elif not bool(ok):
-                    setattr(method, name, saved)
-            drawn = self._generators_drawn()
-            # a method that drew random numbers in this step: the stream rewinds on a bad batch
-            # (a host decision, so only on steps that drew)
-            if drawn and not bool(ok):
-                for generator, saved_state in drawn:
-                    generator.set_state(saved_state)
+            self._restore(ok, [None] * len(self.groups))
+
+    def _restore(self, ok: torch.Tensor, flats: list[torch.Tensor | None]) -> None:
+        for (tensors, saved), flat in zip(self.groups, flats):
+            if tensors[0].device == ok.device:
+                kept = torch.where(ok, flat if flat is not None else _flatten(tensors), saved)
+            elif not bool(ok):  # tensors on another device (e.g. CPU step counts)
+                kept = saved
+            else:
+                continue
+            parts = kept.split([t.numel() for t in tensors])
+            torch._foreach_copy_(tensors, [part.view(t.shape) for part, t in zip(parts, tensors)])
+        for method, name, saved, layout in self.attributes:
+            new = getattr(method, name, None)
+            if _layout(new) == layout and all(t.device == ok.device for t in _flat(new)):
+                setattr(method, name, _zip_tensors(new, saved, lambda a, b: torch.where(ok, a, b) if a.is_floating_point() else a))
+            elif not bool(ok):
+                setattr(method, name, saved)
+        drawn = self._generators_drawn()
+        # a method that drew random numbers in this step: the stream rewinds on a bad batch
+        # (a host decision, so only on steps that drew)
+        if drawn and not bool(ok):
+            for generator, saved_state in drawn:
+                generator.set_state(saved_state)
 
 
 # -- the method base class ------------------------------------------------------------------
