@@ -68,6 +68,8 @@ def test_ranks_follow_the_evaluation_phase(protocol, tmp_path) -> None:
     assert rows["bn"]["evaluation"]["std"]["A_auc"] == pytest.approx(0.1)
     table = summarize(list(rows.values()), protocol)
     assert table.splitlines()[2].startswith("| ER + BCN + WS | lr 0.1, G 4 | 60.0 | 60.1 ± 0.1 |")
+    # Usual protocol (lr 0.03 chosen on the evaluation data): AdaB²N (κ 0.2) 2nd, BN 3rd, as here.
+    assert table.splitlines()[3].endswith("| 2 → 2 |") and table.splitlines()[4].endswith("| 3 → 3 |")
 
 
 def test_phases_must_differ_and_share_the_scenario() -> None:
