@@ -95,7 +95,7 @@ def train_digits_model(config: DigitsTrainConfig = DigitsTrainConfig(), *, progr
 
 def digits_source_model(config: DigitsTrainConfig = DigitsTrainConfig(), *, progress: bool = False) -> DigitsCNN:
     """The cached digits source model for ``config``, trained on first use (30 epochs: about
-    40 s of CPU on one thread, 1.3 s per epoch; the old trainer took 1.4 s per epoch)."""
+    40 s of CPU on one thread)."""
     path = cache_dir() / "models" / f"digits_cnn_{config.norm}_{config.key()}.pt"
     model = DigitsCNN(10, config.width, config.norm)
     if path.exists():
