@@ -192,13 +192,8 @@ class Adapted(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> "Adapted":
         """``.to()``, ``.half()``, ``.cuda()``...: the method's state follows the model (see
         :meth:`tta.methods.base.Method.follow_device`); statistics stay float32."""
-        reference = next(iter(self.model.parameters()), None)
-        if reference is None:
-            reference = next(iter(self.model.buffers()), None)
         with self._lock:
-            if reference is not None:
-                probe = fn(torch.zeros((), dtype=torch.float32, device=reference.device))
-                self.method.follow_device(fn, probe.device, probe.dtype in (torch.float16, torch.bfloat16))
+            self.method.follow_device(fn)
             return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:

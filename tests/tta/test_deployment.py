@@ -142,7 +142,7 @@ def test_serving_under_inference_mode_and_no_grad(method: str, context) -> None:
 
 
 # -- 3. .to() / .half() after wrapping ------------------------------------------------------
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("method", METHODS)
 def test_converting_the_wrapped_model_carries_the_state(method: str, dtype: torch.dtype) -> None:
     adapted = tta.adapt(model_for(method), method)
@@ -156,8 +156,9 @@ def test_converting_the_wrapped_model_carries_the_state(method: str, dtype: torc
     for layer in adapted.adaptive_layers():
         for name, buffer in layer.named_buffers():
             assert buffer.dtype == torch.float32, name  # statistics stay fp32
-    for optimizer in trained(adapted):
-        assert all(m.dtype == torch.float32 for m in optimizer.masters)
+    for optimizer in trained(adapted):  # fp32 masters for half precision, else the parameters
+        master_dtype = dtype if dtype == torch.float64 else torch.float32
+        assert all(m.dtype == master_dtype for m in optimizer.masters)
     adapted.reset()
     adapted.float()
     for x in xs:

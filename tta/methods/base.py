@@ -56,9 +56,10 @@ Contract for method authors (what the wrapper does for you when you follow it)
      every registered floating tensor, every optimizer's parameters and state, and the
      model's trainable parameters exactly as they were (decided on the device, no host
      synchronisation; see :class:`tta.Adapted`);
-   * ``adapted.to(device)`` / ``.half()`` / ``.to(dtype)``: registered tensors and optimizer
-     state move to the new device and keep their dtype (fp32 statistics stay fp32);
-     registered ``nn.Module`` state converts like the model (device and dtype).
+   * ``adapted.to(device)`` / ``.half()`` / ``.to(dtype)``: registered tensors move to the
+     new device and keep their dtype (fp32 statistics stay fp32); optimizers follow their
+     parameters (fp32 masters and their state stay fp32); registered ``nn.Module`` state
+     converts like the model (device and dtype).
 
    Methods with extra needs may still override :meth:`extra_state` /
    :meth:`load_extra_state` (call ``super()`` to keep the registered state) and
@@ -399,21 +400,29 @@ class MasterOptimizer:
             found.extend(v for v in state.values() if isinstance(v, torch.Tensor))
         return found
 
-    def follow(self, device: torch.device, low_precision: bool) -> None:
-        """Called by ``Adapted.to()``/``.half()`` before the model converts: move the masters
-        and the state to ``device`` (dtypes kept), and give fp32 parameters that are about to
-        become half precision (``low_precision``) their own fp32 master, cloned now so it
-        keeps the fp32 values."""
+    def follow(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Called by ``Adapted.to()``/``.half()``/``.cuda()`` before the model converts its
+        parameters with ``fn``. Separate fp32 masters and their state move to the new device;
+        a parameter that is its own master and becomes fp16/bf16 gets a separate fp32 master,
+        cloned now so it keeps the fp32 values; one that stays its own master (fp32 <-> fp64)
+        has its state converted with it."""
         remap: dict[int, torch.Tensor] = {}
+        state_dtype: dict[int, torch.dtype | None] = {}
+        device = None
         for index, (param, master) in enumerate(zip(self.params, self.masters)):
-            if master is param and low_precision and param.dtype not in _LOW_PRECISION:
-                new = param.detach().to(device, copy=True).requires_grad_(True)
+            target = _target(fn, param)
+            device = target.device
+            if master is param and target.dtype in _LOW_PRECISION and param.dtype not in _LOW_PRECISION:
+                new = param.detach().to(device, torch.float32, copy=True).requires_grad_(True)
             elif master is not param and master.device != device:
                 new = master.detach().to(device).requires_grad_(True)
             else:
+                state_dtype[id(master)] = target.dtype if master is param else None
                 continue
             remap[id(master)] = new
             self.masters[index] = new
+        if device is None:
+            return
         for group in self.inner.param_groups:
             group["params"] = [remap.get(id(m), m) for m in group["params"]]
             if "capturable" in group and device.type == "cuda":
@@ -421,21 +430,29 @@ class MasterOptimizer:
         old_state = dict(self.inner.state)
         self.inner.state.clear()
         for master, state in old_state.items():
-            new_master = remap.get(id(master), master)
+            dtype = state_dtype.get(id(master))
             moved = {}
             for key, value in state.items():
-                if isinstance(value, torch.Tensor):
-                    keep_on_cpu = key == "step" and value.device.type == "cpu" and device.type != "cpu" and not self._device_steps()
-                    moved[key] = value if keep_on_cpu else value.to(device)
-                else:
+                if not isinstance(value, torch.Tensor):
                     moved[key] = value
-            self.inner.state[new_master] = moved
+                elif key == "step":
+                    on_cpu = value.device.type == "cpu" and device.type != "cpu" and not self._device_steps()
+                    moved[key] = value if on_cpu else value.to(device)
+                else:
+                    moved[key] = value.to(device, dtype if dtype is not None and value.is_floating_point() else value.dtype)
+            self.inner.state[remap.get(id(master), master)] = moved
 
     def _device_steps(self) -> bool:
         return any(group.get("capturable") or group.get("fused") for group in self.inner.param_groups)
 
     def __repr__(self) -> str:
         return f"MasterOptimizer({self.inner!r})"
+
+
+def _target(fn: Callable[[torch.Tensor], torch.Tensor], tensor: torch.Tensor) -> torch.Tensor:
+    """What ``fn`` (a ``Module._apply`` conversion) makes of ``tensor``: a 0-d probe of the same
+    dtype and device, so nothing of the tensor's size is copied."""
+    return fn(torch.zeros((), dtype=tensor.dtype, device=tensor.device))
 
 
 def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -745,22 +762,23 @@ class Method:
                     restored = restored.to(current.device)
                 setattr(self, name, restored)
 
-    def follow_device(self, fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device, low_precision: bool) -> None:
-        """Called by the wrapper's ``.to()``/``.half()``/``.cuda()`` before the model converts:
-        modules convert with ``fn``, tensors and optimizers move to ``device`` keeping their
-        dtype, ``low_precision`` tells optimizers that their parameters become fp16/bf16."""
+    def follow_device(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Called by the wrapper's ``.to()``/``.half()``/``.cuda()`` with the conversion ``fn``
+        before the model converts: registered modules convert with ``fn`` like the model,
+        optimizers follow their parameters (:meth:`MasterOptimizer.follow`), other registered
+        tensors move to the new device and keep their dtype (fp32 state stays fp32)."""
         for name, value in self.registered_state().items():
             if isinstance(value, MasterOptimizer):
-                value.follow(device, low_precision)
+                value.follow(fn)
             elif isinstance(value, torch.optim.Optimizer):
                 for state in value.state.values():
                     for key, item in state.items():
                         if isinstance(item, torch.Tensor) and not (key == "step" and item.device.type == "cpu"):
-                            state[key] = item.to(device)
+                            state[key] = item.to(_target(fn, item).device)
             elif isinstance(value, nn.Module):
                 value._apply(fn)
             else:
-                setattr(self, name, _map_tensors(value, lambda t: t.to(device)))
+                setattr(self, name, _map_tensors(value, lambda t: t.to(_target(fn, t).device)))
 
     # -- randomness -------------------------------------------------------------------------
     def set_seed(self, seed: int) -> None:

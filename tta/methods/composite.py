@@ -74,9 +74,9 @@ class Composite(Method):
     def guarded_tensors(self) -> list[torch.Tensor]:
         return self.statistics.guarded_tensors() + self.method.guarded_tensors()
 
-    def follow_device(self, fn: Any, device: torch.device, low_precision: bool) -> None:
-        self.statistics.follow_device(fn, device, low_precision)
-        self.method.follow_device(fn, device, low_precision)
+    def follow_device(self, fn: Any) -> None:
+        self.statistics.follow_device(fn)
+        self.method.follow_device(fn)
 
     def extra_state(self) -> dict[str, Any]:
         return {"statistics": self.statistics.extra_state(), "method": self.method.extra_state()}

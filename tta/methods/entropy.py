@@ -79,8 +79,9 @@ def nonfinite_guard_(grads: Sequence[torch.Tensor], norms: Sequence[torch.Tensor
     if not grads:
         return torch.zeros(())
     if norms is None:
-        # fp32 norms: the squares of half-precision gradients overflow early
-        norms = torch._foreach_norm(list(grads), 2, dtype=torch.float32)
+        # fp32 norms for half-precision gradients, whose squares overflow early
+        low = grads[0].dtype in (torch.float16, torch.bfloat16)
+        norms = torch._foreach_norm(list(grads), 2, dtype=torch.float32 if low else None)
     total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
     bad = ~torch.isfinite(total)
     for grad in grads:
