@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import benchmarks.app  # noqa: F401  (registers the tta.* resolvers)
 from benchmarks.app.records import RECORD_NAME, scan_runs
@@ -80,6 +80,10 @@ def run_selection(
 
 
 def task(cfg: DictConfig) -> int:
+    missing = [key for key in ("dev", "eval") if OmegaConf.is_missing(cfg, key)]
+    if missing:
+        print(f"error: give {' and '.join(f'{k}=<folder or [folders]>' for k in missing)} (see conf/select.yaml)", file=sys.stderr)
+        sys.exit(2)
     methods = list(cfg.methods) if cfg.methods is not None else None
     try:
         _, files = run_selection(

@@ -273,3 +273,6 @@ def test_two_digits_sweeps_through_the_real_app(tmp_path: Path) -> None:
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 2 and "both dev and eval" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "benchmarks.select", f"out={out}3"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "give dev=" in done.stderr
