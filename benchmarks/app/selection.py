@@ -79,7 +79,15 @@ def norm_layers(block: Mapping[str, Any]) -> str:
     return "+".join(_layer_classes(block)) or "none"
 
 
-FEATURES: dict[str, Callable[[Mapping[str, Any]], str]] = {"norm_kind": norm_kind, "norm_layers": norm_layers}
+def batch_size(block: Mapping[str, Any]) -> str:
+    """The stream's batch size. Not known at wrap time: a rule that uses it needs a wrapper
+    that decides at its first batch."""
+    return str((block.get("setting") or {}).get("batch_size"))
+
+
+FEATURES: dict[str, Callable[[Mapping[str, Any]], str]] = {
+    "norm_kind": norm_kind, "norm_layers": norm_layers, "batch_size": batch_size,
+}
 
 
 # -- streams ------------------------------------------------------------------------------------

@@ -157,6 +157,17 @@ def test_conditioned_rule_is_optimal_on_random_tables() -> None:
             (brute.feasible, brute.max_regret_best, brute.mean_regret_best)), trial
 
 
+def test_feature_values_no_dev_stream_measured_fall_back_to_source(tmp_path: Path) -> None:
+    dev, ev = records(tmp_path, bn_only(DEV), bn_only(EVAL))
+    sel = select(dev, ev, features=["batch_size"])  # dev streams have batch 64, eval streams 16
+    rule = sel.dev["by batch_size"].rule
+    assert dict(rule.choice) == {"64": "alpha_bn"}
+    assert [r["method"] for r in sel.dev[rule.name].rows] == ["alpha_bn", "alpha_bn"]
+    assert [r["method"] for r in sel.eval[rule.name].rows] == [FALLBACK]
+    with pytest.raises(SelectError, match="unknown feature"):
+        select(dev, ev, features=["colour"])
+
+
 def test_todays_auto_is_a_scored_candidate_when_its_methods_ran(tmp_path: Path) -> None:
     auto = current_auto_rule()
     picks = dict(auto.choice)
