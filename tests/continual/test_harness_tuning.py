@@ -90,6 +90,7 @@ def test_frozen_values_are_the_tuning_phases_choice(config, record) -> None:
     assert record["metrics"]["A_auc"] > 0.5
 
 
+@pytest.mark.slow  # two more sandboxed processes
 def test_the_budget_stops_the_search(config, tmp_path) -> None:
     record = run_two_phase(replace(config, max_trials=1, results_dir=str(tmp_path)), progress=False)
     trials = record["tuning"]["trials"]
