@@ -5,7 +5,7 @@ built-in digits data (no download) in two label orders, i.i.d. and class-sorted,
 the online error (predict-then-adapt, ``ALGORITHMS.md`` §9.4) of each method per
 corruption. Runs in well under 3 minutes on 2 CPU cores.
 
-    python -m benchmarks.demo [--methods source norm alpha_bn unmix_tns] [--replays 2]
+    python -m benchmarks.demo [--methods source norm alpha_bn unmix_tns rbn auto] [--replays 2]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from benchmarks.evaluation import evaluate
 from benchmarks.models.digits import digits_source_model
 from benchmarks.streams import StreamConfig, build_stream
 
-DEFAULT_METHODS = ("source", "norm", "alpha_bn", "unmix_tns")
+DEFAULT_METHODS = ("source", "norm", "alpha_bn", "unmix_tns", "rbn", "auto")
 DEFAULT_DOMAINS = ("impulse_noise", "snow", "frost", "brightness", "contrast")
 ORDERS = {"iid": "i.i.d.", "sorted": "class-sorted"}
 
@@ -59,14 +59,15 @@ def run_demo(
         )
         stream = build_stream(config, cache=True)  # corrupt once, share across methods
         for method in methods:
-            torch.manual_seed(seed)  # UnMix-TNS draws its component noise from the global RNG
-            adapted = tta.adapt(model, method)
+            adapted = tta.adapt(model, method, seed=seed)  # random initial states (UnMix-TNS)
+            if method == "auto":
+                method = f"auto={adapted.method_name}"  # the table shows what auto chose
             result = evaluate(adapted, stream, progress=False, name=f"{method}/{order}")
             per_domain = {row["domain"]: 100.0 * row["error"] for row in result.rows() if row["scope"] == "domain"}
             per_domain["mean"] = sum(per_domain.values()) / len(per_domain)
             errors[(method, order)] = per_domain
             if progress:
-                print(f"  {method:>10} {ORDERS[order]:>13}: mean online error {per_domain['mean']:5.1f}%", flush=True)
+                print(f"  {method:>14} {ORDERS[order]:>13}: mean online error {per_domain['mean']:5.1f}%", flush=True)
     return errors
 
 

@@ -54,11 +54,9 @@ def _checkpoint_facts(path: Path | None) -> tuple[str | None, float | None]:
 def _digits_cache_file(spec: RunSpec) -> Path | None:
     """The cached digits model of a config without a checkpoint (where
     :func:`benchmarks.models.digits.digits_source_model` stores it)."""
-    from benchmarks.models.cache import cache_dir
-    from benchmarks.models.digits import DigitsTrainConfig
+    from benchmarks.models.digits import DigitsTrainConfig, digits_cache_file
 
-    train = DigitsTrainConfig(**dict(spec.model.kwargs))
-    return cache_dir() / "models" / f"digits_cnn_{train.norm}_{train.key()}.pt"
+    return digits_cache_file(DigitsTrainConfig(**dict(spec.model.kwargs)))
 
 
 def model_protocol(spec: RunSpec, model: nn.Module, num_classes: int) -> ModelProtocol:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -93,10 +94,15 @@ def train_digits_model(config: DigitsTrainConfig = DigitsTrainConfig(), *, progr
     return model.eval(), result.clean_accuracy
 
 
+def digits_cache_file(config: DigitsTrainConfig = DigitsTrainConfig()) -> Path:
+    """Where :func:`digits_source_model` caches the model trained with ``config``."""
+    return cache_dir() / "models" / f"digits_cnn_{config.norm}_{config.key()}.pt"
+
+
 def digits_source_model(config: DigitsTrainConfig = DigitsTrainConfig(), *, progress: bool = False) -> DigitsCNN:
     """The cached digits source model for ``config``, trained on first use (30 epochs: about
     40 s of CPU on one thread)."""
-    path = cache_dir() / "models" / f"digits_cnn_{config.norm}_{config.key()}.pt"
+    path = digits_cache_file(config)
     model = DigitsCNN(10, config.width, config.norm)
     if path.exists():
         try:
