@@ -112,15 +112,24 @@ class UnMixTNS(AdaptiveNorm):
 
         if self.wants_update:
             with torch.no_grad():
-                batch = mu.shape[1]
-                rate = self.update_rate(batch) / batch
-                # M + rate (sum_b p_bk mu~_b - w_k M) = (1 - rate w_k) M + rate sum_b p_bk mu~_b
-                keep = torch.mul(p.sum(1), -rate).add_(1.0).unsqueeze(-1)  # (S, K, 1)
-                p_t = p.transpose(1, 2)  # (S, K, B)
-                new_means = torch.baddbmm(means * keep, p_t, mu.detach(), alpha=rate)
-                new_vars = torch.baddbmm(variances * keep, p_t, var.detach(), alpha=rate)
+                new_means, new_vars = self.updated_components(p, mu.detach(), var.detach())
             self.propose_update(component_means=new_means, component_vars=new_vars)
         return out
+
+    def updated_components(
+        self, p: torch.Tensor, mu: torch.Tensor, var: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step 6: the components' new means and variances ``(S, K, C)`` from the
+        assignments ``p`` ``(S, B, K)`` and the instance statistics ``(S, B, C)``."""
+        means, variances = self.component_means, self.component_vars
+        batch = mu.shape[1]
+        rate = self.update_rate(batch) / batch
+        # M + rate (sum_b p_bk mu~_b - w_k M) = (1 - rate w_k) M + rate sum_b p_bk mu~_b
+        keep = torch.mul(p.sum(1), -rate).add_(1.0).unsqueeze(-1)  # (S, K, 1)
+        p_t = p.transpose(1, 2)  # (S, K, B)
+        new_means = torch.baddbmm(means * keep, p_t, mu, alpha=rate)
+        new_vars = torch.baddbmm(variances * keep, p_t, var, alpha=rate)
+        return new_means, new_vars
 
     def extra_repr(self) -> str:
         return (

@@ -6,9 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
-from tta.layers.stats import instance_stats, normalize
 from tta.layers.unmix_tns import UnMixTNS
 
 
@@ -26,7 +24,7 @@ class UnMixTNSMass(UnMixTNS):
     """UnMix-TNS whose K components each move at the rate of their own assigned mass.
 
     Normalization (steps 1-5 of :class:`tta.layers.UnMixTNS`) is unchanged. Only the update
-    differs. With assignments ``p_bk``, mass ``w_k = sum_b p_bk`` and the component's
+    (step 6, :meth:`updated_components`) differs. With assignments ``p_bk``, mass ``w_k = sum_b p_bk`` and the component's
     weighted target ``mu*_k = sum_b p_bk mu~_b / w_k``:
 
     * official (``unmix_tns``): ``M_k <- M_k + (lambda / B) sum_b p_bk (mu~_b - M_k)``
@@ -48,42 +46,15 @@ class UnMixTNSMass(UnMixTNS):
     ``unmix_tns`` for the published method.
     """
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        # Steps 1-5 are those of UnMixTNS.forward (the base layer offers no update hook; the
-        # test suite checks that both layers give identical outputs from the same state).
-        self.check_input(z)
-        if z.dim() < 3:
-            raise ValueError(
-                f"UnMix-TNS needs spatial dims (N, C, *spatial); got {tuple(z.shape)}. "
-                "BatchNorm1d layers are normalized with source statistics instead."
-            )
-        streams, k = self.num_streams, self.k
-        inst_mean, inst_var = instance_stats(z)
-        mu = inst_mean.unflatten(0, (streams, -1))  # (S, B, C)
-        var = inst_var.unflatten(0, (streams, -1))
-        means, variances = self.component_means, self.component_vars  # (S, K, C)
-        with torch.no_grad():
-            cosine = torch.bmm(F.normalize(mu, dim=-1), F.normalize(means, dim=-1).transpose(1, 2))
-            p = torch.softmax(cosine.div_(self.tau), dim=-1)  # (S, B, K)
-        q = 1.0 - p
-        inv_k = 1.0 / k
-        mix_mean = torch.baddbmm(mu, q, means).mul_(inv_k)
-        moment = torch.baddbmm(var, q, variances)
-        moment = torch.baddbmm(moment, q.square(), means.square())
-        moment.addcmul_(mu, torch.bmm(p * q, means), value=2.0)
-        moment.addcmul_(mu.square(), p.square().sum(-1, keepdim=True))
-        mix_var = moment.mul_(inv_k).addcmul_(mix_mean, mix_mean, value=-1.0).clamp_min(0.0)
-        out = normalize(z, mix_mean.flatten(0, 1), mix_var.flatten(0, 1), self.weight, self.bias, self.eps)
-
-        if self.wants_update:
-            with torch.no_grad():
-                rate, per_mass = mass_rates(p.sum(1), k, self.source_momentum, self.b_max)  # (S, K)
-                keep = torch.sub(1.0, rate).unsqueeze(-1)  # (S, K, 1)
-                per_mass = per_mass.unsqueeze(-1)
-                p_t = p.transpose(1, 2)  # (S, K, B)
-                # M + lambda_k (sum_b p_bk mu~_b / w_k - M) = (1 - lambda_k) M + (lambda_k / w_k) P^T mu~
-                new_means = torch.bmm(p_t, mu.detach()).mul_(per_mass).addcmul_(means, keep)
-                new_vars = torch.bmm(p_t, var.detach()).mul_(per_mass).addcmul_(variances, keep)
-            self.propose_update(component_means=new_means, component_vars=new_vars)
-        return out
-
+    def updated_components(
+        self, p: torch.Tensor, mu: torch.Tensor, var: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        means, variances = self.component_means, self.component_vars
+        rate, per_mass = mass_rates(p.sum(1), self.k, self.source_momentum, self.b_max)  # (S, K)
+        keep = torch.sub(1.0, rate).unsqueeze(-1)  # (S, K, 1)
+        per_mass = per_mass.unsqueeze(-1)
+        p_t = p.transpose(1, 2)  # (S, K, B)
+        # M + lambda_k (sum_b p_bk mu~_b / w_k - M) = (1 - lambda_k) M + (lambda_k / w_k) P^T mu~
+        new_means = torch.bmm(p_t, mu).mul_(per_mass).addcmul_(means, keep)
+        new_vars = torch.bmm(p_t, var).mul_(per_mass).addcmul_(variances, keep)
+        return new_means, new_vars
