@@ -122,20 +122,9 @@ def compute_fisher(
 
 
 @dataclasses.dataclass
-class ETAHparams:
-    #: optimizer: "adam" (mariodoebler CIFAR config) or "sgd" (official ImageNet: lr 2.5e-4,
-    #: momentum 0.9, no Nesterov)
-    optimizer: str = hparam("adam", choices=("adam", "sgd"))
-    #: learning rate (CIFAR-10-C: Adam 1e-3; official ImageNet-C: SGD 2.5e-4 at batch 64)
-    lr: float = hparam(1e-3, low=0.0, low_open=True)
-    #: Adam beta_1 (beta_2 is 0.999)
-    beta: float = hparam(0.9, low=0.0, high=1.0, high_open=True)
-    #: SGD momentum (SGD only; official 0.9)
-    sgd_momentum: float = hparam(0.9, low=0.0, high=1.0, high_open=True)
-    #: Nesterov momentum for SGD (SGD only; official False)
+class ETAHparams(entropy.OptimizerHparams):
+    #: Nesterov momentum for SGD (SGD only; the official EATA code uses none)
     nesterov: bool = False
-    #: weight decay (official 0)
-    weight_decay: float = hparam(0.0, low=0.0)
     #: entropy margin E_0 (Eq. 3); None: 0.4 ln C for C classes (official 0.4 ln 1000)
     e0: float | None = hparam(None, low=0.0, low_open=True)
     #: redundancy margin epsilon of |cos| (Eq. 5): 0.4, the mariodoebler CIFAR-10-C config
@@ -199,14 +188,7 @@ class ETA(Method):
         self.register_state("optimizer", "probs_avg", "probs_set", "num_reliable", "num_selected", "fisher", "anchors")
 
     def convert(self, model: nn.Module) -> nn.Module:
-        named = entropy.norm_parameters(model)
-        self.params = entropy.configure_trainable(model, [p for _, p in named], self.name)
-        self.param_names = [n for n, _ in named]
-        hp = self.hparams
-        self.optimizer = entropy.build_optimizer(
-            self.params, hp.optimizer, hp.lr, beta=hp.beta, momentum=hp.sgd_momentum,
-            weight_decay=hp.weight_decay, nesterov=hp.nesterov,
-        )
+        self.params, self.param_names, self.optimizer = entropy.train_norm_affine(model, self.name, self.hparams)
         return model
 
     def e0_for(self, num_classes: int) -> float:

@@ -6,6 +6,7 @@ non-finite gradients.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from typing import Any, Iterable, Sequence
 
@@ -14,7 +15,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from tta.layers.base import AdaptiveNorm
-from tta.methods.base import MasterOptimizer
+from tta.methods.base import MasterOptimizer, hparam
 
 
 def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -93,6 +94,37 @@ def present_grads(params: Sequence[nn.Parameter]) -> tuple[list[nn.Parameter], l
     """The parameters that received a gradient in the last backward, and those gradients."""
     with_grad = [p for p in params if p.grad is not None]
     return with_grad, [p.grad for p in with_grad]  # type: ignore[misc]
+
+
+@dataclasses.dataclass
+class OptimizerHparams:
+    """The optimizer of the methods that train normalization affine parameters (TENT, ROID,
+    EATA/ETA); each method's docstring gives its official values."""
+
+    #: optimizer: "adam" (the CIFAR configs of the official code) or "sgd" (their ImageNet ones)
+    optimizer: str = hparam("adam", choices=("adam", "sgd"))
+    #: learning rate (official CIFAR-10-C configs: Adam 1e-3; ImageNet-C: SGD 2.5e-4 at batch 64)
+    lr: float = hparam(1e-3, low=0.0, low_open=True)
+    #: Adam beta_1 (beta_2 is 0.999), official 0.9
+    beta: float = hparam(0.9, low=0.0, high=1.0, high_open=True)
+    #: SGD momentum (SGD only; official 0.9)
+    sgd_momentum: float = hparam(0.9, low=0.0, high=1.0, high_open=True)
+    #: Nesterov momentum for SGD (SGD only; TENT's and ROID's official default True)
+    nesterov: bool = True
+    #: weight decay (official 0)
+    weight_decay: float = hparam(0.0, low=0.0)
+
+
+def train_norm_affine(model: nn.Module, method: str, hp: OptimizerHparams) -> tuple[list[nn.Parameter], list[str], MasterOptimizer]:
+    """Make the normalization affine parameters the only trainable ones; returns them, their
+    names and the optimizer of ``hp`` over them."""
+    named = norm_parameters(model)
+    params = configure_trainable(model, [p for _, p in named], method)
+    optimizer = build_optimizer(
+        params, hp.optimizer, hp.lr, beta=hp.beta, momentum=hp.sgd_momentum,
+        weight_decay=hp.weight_decay, nesterov=hp.nesterov,
+    )
+    return params, [n for n, _ in named], optimizer
 
 
 def build_optimizer(

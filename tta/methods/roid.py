@@ -162,19 +162,7 @@ def apply_augmentation(x: torch.Tensor, draw: AugmentDraw) -> torch.Tensor:
 
 
 @dataclasses.dataclass
-class ROIDHparams:
-    #: optimizer: "adam" (official CIFAR and ImageNet configs) or "sgd"
-    optimizer: str = hparam("adam", choices=("adam", "sgd"))
-    #: learning rate (official CIFAR-10-C config: Adam 1e-3 at batch size 200)
-    lr: float = hparam(1e-3, low=0.0, low_open=True)
-    #: Adam beta_1 (beta_2 is 0.999), official 0.9
-    beta: float = hparam(0.9, low=0.0, high=1.0, high_open=True)
-    #: SGD momentum (SGD only; official default 0.9)
-    sgd_momentum: float = hparam(0.9, low=0.0, high=1.0, high_open=True)
-    #: Nesterov momentum for SGD (SGD only; official default True)
-    nesterov: bool = True
-    #: weight decay (official 0)
-    weight_decay: float = hparam(0.0, low=0.0)
+class ROIDHparams(entropy.OptimizerHparams):
     #: gradient steps per batch (official 1)
     steps: int = hparam(1, low=1)
     #: certainty and diversity weighting (official USE_WEIGHTING True)
@@ -257,14 +245,7 @@ class ROID(Method):
         self.register_state("optimizer", "source_params", "class_probs")
 
     def convert(self, model: nn.Module) -> nn.Module:
-        named = entropy.norm_parameters(model)
-        self.params = entropy.configure_trainable(model, [p for _, p in named], self.name)
-        self.param_names = [n for n, _ in named]
-        hp = self.hparams
-        self.optimizer = entropy.build_optimizer(
-            self.params, hp.optimizer, hp.lr, beta=hp.beta, momentum=hp.sgd_momentum,
-            weight_decay=hp.weight_decay, nesterov=hp.nesterov,
-        )
+        self.params, self.param_names, self.optimizer = entropy.train_norm_affine(model, self.name, self.hparams)
         self.source_params = [p.detach().float().clone() for p in self.params]
         return model
 

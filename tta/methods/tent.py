@@ -14,19 +14,7 @@ from tta.registry import register_method
 
 
 @dataclasses.dataclass
-class TentHparams:
-    #: optimizer: "adam" (official CIFAR config) or "sgd" (official ImageNet setting)
-    optimizer: str = hparam("adam", choices=("adam", "sgd"))
-    #: learning rate (official: Adam 1e-3 for CIFAR-10-C; SGD 2.5e-4 for ImageNet-C, batch 64)
-    lr: float = hparam(1e-3, low=0.0, low_open=True)
-    #: Adam beta_1 (beta_2 is 0.999), official 0.9
-    beta: float = hparam(0.9, low=0.0, high=1.0, high_open=True)
-    #: SGD momentum (official 0.9; SGD only)
-    sgd_momentum: float = hparam(0.9, low=0.0, high=1.0, high_open=True)
-    #: Nesterov momentum for SGD (official config default True; SGD only)
-    nesterov: bool = True
-    #: weight decay (official 0)
-    weight_decay: float = hparam(0.0, low=0.0)
+class TentHparams(entropy.OptimizerHparams):
     #: gradient steps per batch (official 1)
     steps: int = hparam(1, low=1)
     #: restore the wrap-time model and optimizer state before every batch
@@ -78,14 +66,7 @@ class Tent(Method):
         self.register_state("optimizer")
 
     def convert(self, model: nn.Module) -> nn.Module:
-        named = entropy.norm_parameters(model)
-        self.params = entropy.configure_trainable(model, [p for _, p in named], self.name)
-        self.param_names = [n for n, _ in named]
-        hp = self.hparams
-        self.optimizer = entropy.build_optimizer(
-            self.params, hp.optimizer, hp.lr, beta=hp.beta, momentum=hp.sgd_momentum,
-            weight_decay=hp.weight_decay, nesterov=hp.nesterov,
-        )
+        self.params, self.param_names, self.optimizer = entropy.train_norm_affine(model, self.name, self.hparams)
         return model
 
     def step(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
