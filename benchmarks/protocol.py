@@ -174,8 +174,19 @@ class SoftwareProtocol:
     device: str
 
 
+class _Record:
+    """A top-level protocol block: its plain JSON form and its fingerprint."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values (tuples become lists), ready for a record."""
+        return canonical(dataclasses.asdict(self))  # type: ignore[call-overload]
+
+    def fingerprint(self) -> str:
+        return fingerprint_of(self.to_dict())
+
+
 @dataclass(frozen=True)
-class Protocol:
+class Protocol(_Record):
     """The whole fingerprint of one result (see the module docstring)."""
 
     model: ModelProtocol
@@ -187,13 +198,6 @@ class Protocol:
     software: SoftwareProtocol
     schema: str = PROTOCOL_SCHEMA
     version: int = PROTOCOL_VERSION
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON values (tuples become lists), ready for a record."""
-        return canonical(dataclasses.asdict(self))
-
-    def fingerprint(self) -> str:
-        return fingerprint_of(self.to_dict())
 
 
 @dataclass(frozen=True)
@@ -226,7 +230,7 @@ class ContinualSettingProtocol:
 
 
 @dataclass(frozen=True)
-class ContinualProtocol:
+class ContinualProtocol(_Record):
     """The protocol of a continual-learning experiment run (``continual.experiments``)."""
 
     model: ModelProtocol
@@ -240,15 +244,9 @@ class ContinualProtocol:
     schema: str = PROTOCOL_SCHEMA
     version: int = PROTOCOL_VERSION
 
-    def to_dict(self) -> dict[str, Any]:
-        return canonical(dataclasses.asdict(self))
-
-    def fingerprint(self) -> str:
-        return fingerprint_of(self.to_dict())
-
 
 @dataclass(frozen=True)
-class HarnessProtocol:
+class HarnessProtocol(_Record):
     """The protocol of a competition-harness record (``continual.harness``): the submission
     is the model and the method, so it is pinned by its file's sha256; the data by the
     scenario and hidden-label checksums the harness verifies."""
@@ -262,12 +260,6 @@ class HarnessProtocol:
     kind: str = "continual.harness"
     schema: str = PROTOCOL_SCHEMA
     version: int = PROTOCOL_VERSION
-
-    def to_dict(self) -> dict[str, Any]:
-        return canonical(dataclasses.asdict(self))
-
-    def fingerprint(self) -> str:
-        return fingerprint_of(self.to_dict())
 
 
 def harness_protocol(record: Mapping[str, Any]) -> HarnessProtocol:
@@ -295,7 +287,7 @@ def harness_protocol(record: Mapping[str, Any]) -> HarnessProtocol:
 
 
 @dataclass(frozen=True)
-class PerfProtocol:
+class PerfProtocol(_Record):
     """The protocol of a ``benchmarks.perf`` run: speed and memory, not accuracy, on
     seeded random weights and inputs, so models and data are described by how they are made."""
 
@@ -308,12 +300,6 @@ class PerfProtocol:
     kind: str = "benchmarks.perf"
     schema: str = PROTOCOL_SCHEMA
     version: int = PROTOCOL_VERSION
-
-    def to_dict(self) -> dict[str, Any]:
-        return canonical(dataclasses.asdict(self))
-
-    def fingerprint(self) -> str:
-        return fingerprint_of(self.to_dict())
 
 
 # -- canonical form, fingerprint and comparison ------------------------------------------------
