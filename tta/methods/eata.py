@@ -14,7 +14,7 @@ from torch import nn
 
 from tta.layers.base import AdaptiveNorm
 from tta.methods import entropy
-from tta.methods.base import OBJECTIVE, MasterOptimizer, Method, hparam
+from tta.methods.base import hparam
 from tta.registry import register_method
 
 logger = logging.getLogger("tta")
@@ -137,7 +137,7 @@ class ETAHparams(entropy.OptimizerHparams):
 
 
 @register_method
-class ETA(Method):
+class ETA(entropy.NormAffineObjective):
     """ETA: EATA without the anti-forgetting regularizer (Niu et al., "Efficient Test-Time
     Model Adaptation without Forgetting", ICML 2022, arXiv 2204.02610; official code
     mr-eggplant/EATA ``eata.py``, run there with ``--algorithm eta``).
@@ -168,15 +168,10 @@ class ETA(Method):
     """
 
     name = "eta"
-    role = OBJECTIVE
     Hparams = ETAHparams
-    default_statistics = "norm"
 
     def __init__(self, num_streams: int = 1, **hparams: Any) -> None:
         super().__init__(num_streams, **hparams)
-        self.params: list[nn.Parameter] = []
-        self.param_names: list[str] = []
-        self.optimizer: MasterOptimizer | None = None
         #: moving average of predictions (empty until the first batch gives C) and whether set
         self.probs_avg = torch.zeros(0)
         self.probs_set = torch.zeros((), dtype=torch.bool)
@@ -186,10 +181,6 @@ class ETA(Method):
         self.fisher: list[torch.Tensor] = []
         self.anchors: list[torch.Tensor] = []
         self.register_state("optimizer", "probs_avg", "probs_set", "num_reliable", "num_selected", "fisher", "anchors")
-
-    def convert(self, model: nn.Module) -> nn.Module:
-        self.params, self.param_names, self.optimizer = entropy.train_norm_affine(model, self.name, self.hparams)
-        return model
 
     def e0_for(self, num_classes: int) -> float:
         return self.hparams.e0 if self.hparams.e0 is not None else 0.4 * math.log(num_classes)

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from tta.layers.base import AdaptiveNorm
-from tta.methods.base import MasterOptimizer, hparam
+from tta.methods.base import OBJECTIVE, MasterOptimizer, Method, hparam
 
 
 def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -115,16 +115,31 @@ class OptimizerHparams:
     weight_decay: float = hparam(0.0, low=0.0)
 
 
-def train_norm_affine(model: nn.Module, method: str, hp: OptimizerHparams) -> tuple[list[nn.Parameter], list[str], MasterOptimizer]:
-    """Make the normalization affine parameters the only trainable ones; returns them, their
-    names and the optimizer of ``hp`` over them."""
-    named = norm_parameters(model)
-    params = configure_trainable(model, [p for _, p in named], method)
-    optimizer = build_optimizer(
-        params, hp.optimizer, hp.lr, beta=hp.beta, momentum=hp.sgd_momentum,
-        weight_decay=hp.weight_decay, nesterov=hp.nesterov,
-    )
-    return params, [n for n, _ in named], optimizer
+class NormAffineObjective(Method):
+    """Base of the objectives that train the normalization affine parameters with the
+    optimizer of :class:`OptimizerHparams` (TENT, ROID, EATA/ETA): after :meth:`convert`,
+    ``params`` / ``param_names`` are those parameters and ``optimizer`` trains them.
+    Subclasses register ``optimizer`` (and their own state) with ``register_state``."""
+
+    role = OBJECTIVE
+    default_statistics = "norm"
+
+    def __init__(self, num_streams: int = 1, **hparams: Any) -> None:
+        super().__init__(num_streams, **hparams)
+        self.params: list[nn.Parameter] = []
+        self.param_names: list[str] = []
+        self.optimizer: MasterOptimizer | None = None
+
+    def convert(self, model: nn.Module) -> nn.Module:
+        named = norm_parameters(model)
+        self.params = configure_trainable(model, [p for _, p in named], self.name)
+        self.param_names = [n for n, _ in named]
+        hp = self.hparams
+        self.optimizer = build_optimizer(
+            self.params, hp.optimizer, hp.lr, beta=hp.beta, momentum=hp.sgd_momentum,
+            weight_decay=hp.weight_decay, nesterov=hp.nesterov,
+        )
+        return model
 
 
 def build_optimizer(

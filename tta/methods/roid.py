@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tta.methods import entropy
-from tta.methods.base import OBJECTIVE, MasterOptimizer, Method, hparam
+from tta.methods.base import hparam
 from tta.registry import register_method
 
 #: SoftLikelihoodRatio of the official code: probabilities clipped at 0.99, 1e-5 in the log
@@ -183,7 +183,7 @@ class ROIDHparams(entropy.OptimizerHparams):
 
 
 @register_method
-class ROID(Method):
+class ROID(entropy.NormAffineObjective):
     """ROID (Marsden, Döbler & Yang, "Universal Test-time Adaptation through Weight
     Ensembling, Diversity Weighting, and Prior Correction", WACV 2024, arXiv 2306.00650;
     official code: mariodoebler/test-time-adaptation ``classification/methods/roid.py`` and
@@ -228,15 +228,10 @@ class ROID(Method):
     """
 
     name = "roid"
-    role = OBJECTIVE
     Hparams = ROIDHparams
-    default_statistics = "norm"
 
     def __init__(self, num_streams: int = 1, **hparams: Any) -> None:
         super().__init__(num_streams, **hparams)
-        self.params: list[nn.Parameter] = []
-        self.param_names: list[str] = []
-        self.optimizer: MasterOptimizer | None = None
         #: fp32 wrap-time values of the trainable parameters (weight-ensembling anchors)
         self.source_params: list[torch.Tensor] = []
         #: moving average of the batch-mean predictions; empty until the first batch gives C
@@ -245,7 +240,7 @@ class ROID(Method):
         self.register_state("optimizer", "source_params", "class_probs")
 
     def convert(self, model: nn.Module) -> nn.Module:
-        self.params, self.param_names, self.optimizer = entropy.train_norm_affine(model, self.name, self.hparams)
+        model = super().convert(model)
         self.source_params = [p.detach().float().clone() for p in self.params]
         return model
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from tta.methods import entropy
-from tta.methods.base import OBJECTIVE, MasterOptimizer, Method, hparam
+from tta.methods.base import hparam
 from tta.registry import register_method
 
 
@@ -22,7 +22,7 @@ class TentHparams(entropy.OptimizerHparams):
 
 
 @register_method
-class Tent(Method):
+class Tent(entropy.NormAffineObjective):
     """TENT (Wang et al., "Tent: Fully Test-Time Adaptation by Entropy Minimization",
     ICLR 2021, arXiv 2006.10726; ``ALGORITHMS.md`` §2).
 
@@ -54,20 +54,11 @@ class Tent(Method):
     """
 
     name = "tent"
-    role = OBJECTIVE
     Hparams = TentHparams
-    default_statistics = "norm"
 
     def __init__(self, num_streams: int = 1, **hparams: Any) -> None:
         super().__init__(num_streams, **hparams)
-        self.params: list[nn.Parameter] = []
-        self.param_names: list[str] = []
-        self.optimizer: MasterOptimizer | None = None
         self.register_state("optimizer")
-
-    def convert(self, model: nn.Module) -> nn.Module:
-        self.params, self.param_names, self.optimizer = entropy.train_norm_affine(model, self.name, self.hparams)
-        return model
 
     def step(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         assert self.optimizer is not None, "convert() must run first"

@@ -50,10 +50,12 @@ class UnMixTNS(StatisticsMethod):
     #: (devavratTomar/unmixtns tta_experiments/run.sh, OPTIM.LR; ImageNet-C: 2.5e-6); TENT's own
     #: 1e-3 collapses on CIFAR-10-C in this composition
     objective_defaults = {"lr": 1e-5}
+    #: the layer that replaces each BatchNorm (variants swap only the layer)
+    layer_class: type[UnMixTNSLayer] = UnMixTNSLayer
 
     def build_layer(self, name: str, source: SourceNormState) -> AdaptiveNorm:
         hp = self.hparams
-        return UnMixTNSLayer(
+        return self.layer_class(
             source,
             k=hp.k,
             tau=hp.tau,

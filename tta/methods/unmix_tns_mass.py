@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from tta.layers.base import AdaptiveNorm, SourceNormState
 from tta.layers.unmix_tns_mass import UnMixTNSMass as UnMixTNSMassLayer
 from tta.methods.unmix_tns import UnMixTNS
 from tta.registry import register_method
@@ -24,15 +23,4 @@ class UnMixTNSMass(UnMixTNS):
     """
 
     name = "unmix_tns_mass"
-
-    def build_layer(self, name: str, source: SourceNormState) -> AdaptiveNorm:
-        hp = self.hparams
-        return UnMixTNSMassLayer(
-            source,
-            k=hp.k,
-            tau=hp.tau,
-            alpha_init=hp.alpha_init,
-            b_max=hp.b_max,
-            num_streams=self.num_streams,
-            generator=self.generator,
-        )
+    layer_class = UnMixTNSMassLayer
