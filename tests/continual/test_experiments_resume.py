@@ -8,26 +8,13 @@ import pytest
 
 from benchmarks.evaluation import CheckpointMismatch, StreamCheckpoint
 from continual.experiments.compare_norms import RunConfig, run
+from tests.benchmarks.test_resume import Crash, CrashAfter  # the same "killed after the n-th write" checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 TINY = dict(benchmark="digits", seed=0, model="cnn", nf=4, train_per_class=20, test_per_class=10,
             eval_period=50, mem_size=30)
 
-
-class Crash(Exception):
-    pass
-
-
-class CrashAfter(StreamCheckpoint):
-    def __init__(self, *args, crash_after: int, **kwargs) -> None:  # noqa: ANN002, ANN003
-        super().__init__(*args, **kwargs)
-        self.crash_after = crash_after
-
-    def save(self, **kwargs) -> None:  # noqa: ANN003
-        super().save(**kwargs)
-        if self.saves == self.crash_after:
-            raise Crash
 
 
 def _result(record: dict) -> dict:
