@@ -9,3 +9,4 @@ from tta.methods import tribe  # noqa: F401
 from tta.methods import roid  # noqa: F401
 from tta.methods import eata  # noqa: F401
 from tta.methods import unmix_tns_mass  # noqa: F401
+from tta.methods import gated_bn  # noqa: F401

@@ -1,0 +1,182 @@
+"""``gated_bn``: test-time BN where the stream is i.i.d., slow statistics where its labels are
+correlated, switched per batch by a detector of label correlation. A method of this library
+(issue 14), not a published one."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from tta.layers.base import AdaptiveNorm, SourceNormState
+from tta.layers.gated_bn import GatedBatchNorm, sample_rate
+from tta.methods.balanced_bn import infer_num_classes
+from tta.methods.base import hparam
+from tta.methods.statistics import StatisticsMethod, layers_hparam
+from tta.registry import register_method
+
+
+@dataclasses.dataclass
+class GatedBNHparams:
+    #: time constant, in samples, of the robust moment averages (1280: at batch 64 a batch
+    #: weighs 1 - exp(-0.05) = 0.049, RoTTA's robust-BN rate 0.05)
+    span: float = hparam(1280.0, low=0.0, low_open=True)
+    #: time constant, in samples, of the running marginal of predicted labels that the
+    #: detector compares each batch with
+    label_span: float = hparam(128.0, low=0.0, low_open=True)
+    #: kappa at or below which a batch counts as i.i.d. (gate 0: test-batch statistics)
+    kappa_low: float = hparam(0.1, low=-1.0, high=1.0)
+    #: kappa at or above which a batch counts as label-correlated (gate 1: robust statistics)
+    kappa_high: float = hparam(0.3, low=-1.0, high=1.0)
+    #: batches (per stream) smaller than this always use the robust statistics (gate 1):
+    #: their test statistics are too noisy and the detector has too few pairs
+    min_batch_size: int = hparam(16, low=2)
+    #: ablation: use this gate on every batch instead of the detector's (0: test-time BN,
+    #: 1: the robust averages alone); None: the detector decides
+    fixed_gate: float | None = hparam(None, low=0.0, high=1.0)
+    #: K, number of classes; None reads it from the model's classifier (last Linear layer)
+    num_classes: int | None = hparam(None, low=2)
+    #: which BatchNorm layers adapt: "all" or "spatial" (BatchNorm1d keeps its source statistics)
+    layers: str = layers_hparam("all")
+
+
+def label_correlation(labels: torch.Tensor, marginal: torch.Tensor) -> torch.Tensor:
+    """Per-stream excess label agreement within a batch, kappa.
+
+    ``labels``: ``(S, n)`` class indices; ``marginal``: ``(S, K)`` the running label
+    distribution ``pi``. With ``c_k`` the count of class k in the batch,
+
+    * ``P_in = sum_k c_k (c_k - 1) / (n (n - 1))``, the share of pairs of distinct samples of
+      the batch that have the same label (an unbiased estimate of ``sum_k p_k^2`` when the
+      batch is drawn i.i.d. from a label distribution p);
+    * ``P_ref = sum_k pi_k^2``, the same probability for two independent draws from pi;
+    * ``kappa = (P_in - P_ref) / (1 - P_ref)``: about 0 on an i.i.d. stream whose marginal
+      pi tracks, 1 when every batch holds one class (the intra-batch correlation of the
+      labels, in the manner of Cohen's kappa).
+
+    ``n < 2`` gives kappa 0 (no pairs). Batched, no host synchronisation.
+    """
+    streams, n = labels.shape
+    counts = torch.zeros(streams, marginal.shape[1], device=labels.device, dtype=torch.float32)
+    counts.scatter_add_(1, labels, torch.ones_like(labels, dtype=torch.float32))
+    if n < 2:
+        return torch.zeros(streams, device=labels.device)
+    p_in = (counts * (counts - 1)).sum(1) / (n * (n - 1))
+    p_ref = marginal.float().square().sum(1)
+    return (p_in - p_ref) / (1 - p_ref).clamp_min(1e-6)
+
+
+def gate_from_kappa(kappa: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """0 at or below ``low``, 1 at or above ``high``, linear in between."""
+    return ((kappa - low) / (high - low)).clamp(0.0, 1.0)
+
+
+@contextlib.contextmanager
+def _step_layers(layers: list[GatedBatchNorm]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.end_step()
+
+
+@register_method
+class GatedBN(StatisticsMethod):
+    """Test-time BN gated by a detector of label correlation (this library's method).
+
+    Test-time BN (``norm``) is the strongest statistics method on i.i.d. streams and collapses
+    when the labels of a batch are correlated (class-sorted or Dirichlet streams), because
+    the batch statistics then describe a few classes rather than the domain. Slow
+    statistics (an average over many batches, as RoTTA's robust BN keeps) survive
+    correlation but follow a new domain slowly. This method uses each where it works:
+
+    Step on a batch x of n samples per stream (two forwards, see
+    :class:`tta.layers.gated_bn.GatedBatchNorm`):
+
+    1. **Robust forward**: every BatchNorm normalizes with exponential averages of the first
+       and second moments of its input (time constant ``span`` samples), updated with this
+       batch first.
+    2. **Detector**: the labels ``y = argmax`` of that forward (statistics that do not depend
+       on the class make-up of this batch) give kappa, the excess share of same-label pairs
+       in the batch over a running marginal pi of past labels (:func:`label_correlation`);
+       ``gate = clip((kappa - kappa_low) / (kappa_high - kappa_low), 0, 1)``, and gate 1 when
+       ``n < min_batch_size``. Then ``pi <- lerp(pi, counts / n, 1 - exp(-n / label_span))``.
+    3. **Gated forward**, the returned prediction: every BatchNorm normalizes with
+       ``lerp(batch statistics, robust statistics, gate)``.
+
+    Parts and their ablations (``fixed_gate``): gate 0 on every batch is test-time BN
+    (``norm``, at twice its cost); gate 1 is the robust moment average alone (a robust BN
+    that averages raw moments); docs/RESULTS.md reports both beside the gated method.
+
+    Cost: two forwards per batch; no host synchronisation. Under an objective
+    (``"gated_bn+tent"``) the objective's single forward is the robust forward (no gate).
+    ``last_gate`` and ``last_kappa`` hold the values of the latest step (``(S,)`` tensors)
+    for monitoring.
+    """
+
+    name = "gated_bn"
+    Hparams = GatedBNHparams
+
+    def __init__(self, num_streams: int = 1, **hparams: Any) -> None:
+        super().__init__(num_streams, **hparams)
+        self.marginal = torch.zeros(0)
+        self.register_state("marginal")
+        self.last_gate: torch.Tensor | None = None
+        self.last_kappa: torch.Tensor | None = None
+
+    def validate(self) -> None:
+        if self.hparams.kappa_high <= self.hparams.kappa_low:
+            raise ValueError(
+                f"gated_bn: kappa_high ({self.hparams.kappa_high}) must be greater than kappa_low ({self.hparams.kappa_low})"
+            )
+
+    def convert(self, model: nn.Module) -> nn.Module:
+        self._num_classes = self.hparams.num_classes or infer_num_classes(model, self.name)
+        model = super().convert(model)
+        device = next((b.device for b in model.buffers()), torch.device("cpu"))
+        self.marginal = torch.full((self.num_streams, self._num_classes), 1.0 / self._num_classes, device=device)
+        return model
+
+    def build_layer(self, name: str, source: SourceNormState) -> AdaptiveNorm:
+        return GatedBatchNorm(source, span=self.hparams.span, num_streams=self.num_streams)
+
+    @staticmethod
+    def layers(model: nn.Module) -> list[GatedBatchNorm]:
+        return [m for m in model.modules() if isinstance(m, GatedBatchNorm)]
+
+    def _forward(self, model: nn.Module, x: torch.Tensor, update: bool) -> torch.Tensor:
+        hp = self.hparams
+        layers = self.layers(model)
+        with torch.no_grad(), _step_layers(layers):
+            robust = model(x)
+            if robust.dim() != 2 or robust.shape[1] != self._num_classes:
+                raise ValueError(
+                    f"gated_bn was built for {self._num_classes} classes, the model returned "
+                    f"shape {tuple(robust.shape)}; pass num_classes=<K>"
+                )
+            n = robust.shape[0] // self.num_streams
+            labels = robust.argmax(1).view(self.num_streams, n)
+            marginal = self.marginal.to(labels.device)
+            kappa = label_correlation(labels, marginal)
+            if hp.fixed_gate is not None:
+                gate = torch.full_like(kappa, hp.fixed_gate)
+            elif n < hp.min_batch_size:
+                gate = torch.ones_like(kappa)
+            else:
+                gate = gate_from_kappa(kappa, hp.kappa_low, hp.kappa_high)
+            if update:
+                share = torch.zeros_like(marginal).scatter_add_(1, labels, torch.ones_like(labels, dtype=marginal.dtype)) / n
+                self.marginal = torch.lerp(marginal, share, sample_rate(n, hp.label_span))
+                self.last_gate, self.last_kappa = gate, kappa
+            for layer in layers:
+                layer.gate = gate
+            return model(x)
+
+    def step(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(model, x, update=True)
+
+    def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(model, x, update=False)
