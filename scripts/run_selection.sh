@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Choose `tta.adapt(model)`'s default by measurement (issue 14): run the candidate methods on
+# the *development* streams, choose the rule from those alone (benchmarks.select), and score
+# it on the *evaluation* streams, which were declared with these before any run and never
+# take part in the choice. docs/RESULTS.md ("auto, chosen on CIFAR-10-C") has the results.
+#
+#   bash scripts/run_selection.sh                      # everything: dev, eval, select
+#   bash scripts/run_selection.sh dev_bn_300 select    # some sections
+#
+# Needs the source models (scripts/train_source.py) and the CIFAR-10-C files
+# (scripts/make_cifar_c.py --severities 3 5 --n-examples 2000 is enough). Finished runs are
+# skipped, so an interrupted call resumes. Environment: OUT (outputs/selection), CIFAR10C
+# (data/generated/CIFAR-10-C), TTA_JOBS (parallel runs, one torch thread each; 1), PY.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=${OUT:-outputs/selection}
+CIFAR10C=${CIFAR10C:-data/generated/CIFAR-10-C}
+export TTA_JOBS=${TTA_JOBS:-1}
+export OMP_NUM_THREADS=1
+
+# The pools, declared before any run. BN models: every method of the library that applies to
+# BatchNorm, minus `sar` (on BN models it equals test-time BN within 0.1 points on every stream
+# of docs/RESULTS.md) and the `unmix_tns_mass` / composition variants; `gated_bn` with two
+# label spans (its default, 128 samples, and 512). GroupNorm models: the methods that apply.
+BN_POOL=source,norm,alpha_bn,rbn,balanced_bn,unmix_tns,lame,tent,eta,roid,rotta,tribe,gated_bn
+GATED_VARIANT=(method=gated_bn +method.hparams.label_span=512)
+GN_POOL=source,tent,sar,eta,roid,lame
+FILES=(dataset=cifar10c_files "dataset.data_root=$CIFAR10C")
+
+sweep() {  # sweep <split/name> <overrides...>: one multirun into $OUT/<split>/<name>
+  local name=$1; shift
+  "$PY" -m benchmarks.run -m name="$name" paths.output_root="$OUT" launcher=joblib runtime.num_threads=1 "$@"
+}
+bn() {  # bn <split/name> <overrides...>: the BN pool (and the gated variant) on a CIFAR-10-C stream
+  local name=$1; shift
+  sweep "$name" model=cifar10_resnet26 method="$BN_POOL" "$@"
+  sweep "$name" model=cifar10_resnet26 "${GATED_VARIANT[@]}" "$@"
+}
+gn() { local name=$1; shift; sweep "$name" model=cifar10_resnet26_gn method="$GN_POOL" "$@"; }
+C=(experiment=cifar10c_continual "${FILES[@]}" stream.batch_size=64)
+
+# -- development streams: seed 1 (CIFAR-10-C) / seed 0 (digits), batch 64, severity 5 ------
+dev_bn_300() {
+  bn dev/bn_iid_300 "${C[@]}" seed=1 stream.n_examples=300
+  bn dev/bn_sorted_300 "${C[@]}" seed=1 stream.n_examples=300 stream.label_order=sorted
+  bn dev/bn_dirichlet0.1_300 "${C[@]}" seed=1 stream.n_examples=300 stream.label_order=dirichlet stream.delta=0.1
+}
+dev_bn_2000() {
+  bn dev/bn_iid_2000 "${C[@]}" seed=1 stream.n_examples=2000
+  bn dev/bn_sorted_2000 "${C[@]}" seed=1 stream.n_examples=2000 stream.label_order=sorted
+}
+dev_gn() {
+  gn dev/gn_iid_300 "${C[@]}" seed=1 stream.n_examples=300
+  gn dev/gn_sorted_300 "${C[@]}" seed=1 stream.n_examples=300 stream.label_order=sorted
+}
+dev_digits() {
+  local D=(experiment=digits_quick seed=0 stream.batch_size=64)
+  sweep dev/digits "${D[@]}" method="$BN_POOL" stream.label_order=iid,sorted
+  sweep dev/digits "${D[@]}" "${GATED_VARIANT[@]}" stream.label_order=iid,sorted
+}
+
+# -- evaluation streams: seed 2 (CIFAR-10-C) / seed 1 (digits); never used to choose --------
+eval_bn_300() {
+  bn eval/bn_iid_300 "${C[@]}" seed=2 stream.n_examples=300
+  bn eval/bn_sorted_300 "${C[@]}" seed=2 stream.n_examples=300 stream.label_order=sorted
+  bn eval/bn_dirichlet0.01_300 "${C[@]}" seed=2 stream.n_examples=300 stream.label_order=dirichlet stream.delta=0.01
+  bn eval/bn_severity3_300 "${C[@]}" seed=2 stream.n_examples=300 'stream.severities=[3]'
+  bn eval/bn_mixed_300 experiment=cifar10c_mixed "${FILES[@]}" stream.batch_size=64 seed=2 stream.n_examples=300
+  # TRIBE's GLI-TTA: long-tailed classes (factor 10) under a Dirichlet (0.1) label order
+  bn eval/bn_imbalanced_300 "${C[@]}" stream=imbalanced seed=2 stream.n_examples=300
+}
+eval_bn_batch() {
+  bn eval/bn_batch16_300 "${C[@]}" seed=2 stream.n_examples=300 stream.batch_size=16
+  bn eval/bn_batch1_300 "${C[@]}" seed=2 stream.n_examples=300 stream.batch_size=1
+}
+eval_bn_gradual() {  # severities 1..5..1, 100 images per (corruption, severity), corrupted on the fly
+  bn eval/bn_gradual experiment=cifar10c_continual stream.batch_size=64 seed=2 stream.n_examples=100 stream.schedule=gradual
+}
+eval_gn() {
+  gn eval/gn_iid_300 "${C[@]}" seed=2 stream.n_examples=300
+  gn eval/gn_sorted_300 "${C[@]}" seed=2 stream.n_examples=300 stream.label_order=sorted
+  gn eval/gn_batch1_300 "${C[@]}" seed=2 stream.n_examples=300 stream.batch_size=1
+}
+eval_digits() {
+  local D=(experiment=digits_quick seed=1 stream.batch_size=16)
+  sweep eval/digits "${D[@]}" method="$BN_POOL" stream.label_order=iid,dirichlet stream.delta=0.1
+  sweep eval/digits "${D[@]}" "${GATED_VARIANT[@]}" stream.label_order=iid,dirichlet stream.delta=0.1
+}
+
+select_rule() {  # one selection per model family (the pools differ), from dev only
+  "$PY" -m benchmarks.select "dev=[$OUT/dev/bn_iid_300,$OUT/dev/bn_sorted_300,$OUT/dev/bn_dirichlet0.1_300,$OUT/dev/bn_iid_2000,$OUT/dev/bn_sorted_2000]" \
+    "eval=[$(ls -d "$OUT"/eval/bn_* | paste -sd, -)]" out="$OUT/selected_bn" "swept=[software.git_commit]" quiet=true
+  "$PY" -m benchmarks.select "dev=[$OUT/dev/gn_iid_300,$OUT/dev/gn_sorted_300]" \
+    "eval=[$(ls -d "$OUT"/eval/gn_* | paste -sd, -)]" out="$OUT/selected_gn" "swept=[software.git_commit]" quiet=true
+  "$PY" -m benchmarks.select "dev=[$OUT/dev/digits]" "eval=[$OUT/eval/digits]" out="$OUT/selected_digits" \
+    "swept=[software.git_commit]" quiet=true
+}
+
+dev() { dev_bn_300; dev_digits; dev_gn; dev_bn_2000; }
+eval_all() { eval_bn_300; eval_digits; eval_gn; eval_bn_batch; eval_bn_gradual; }
+[ $# -eq 0 ] && set -- dev eval_all select_rule
+for section in "$@"; do "$section"; done
