@@ -11,26 +11,30 @@ from torch import nn
 
 import tta
 from tta.layers.gated_bn import GatedBatchNorm, sample_rate
-from tta.methods.gated_bn import gate_from_kappa, label_correlation
+from tta.methods.gated_bn import gate_from_score, label_correlation
 from tta.surgery import source_state
 
 
 def test_label_correlation_hand_computed() -> None:
     uniform = torch.full((1, 4), 0.25)
-    # counts 2, 1, 1, 0: P_in = 2 / 12, P_ref = 0.25, kappa = (1/6 - 1/4) / (3/4) = -1/9
-    kappa = label_correlation(torch.tensor([[0, 0, 1, 2]]), uniform)
-    torch.testing.assert_close(kappa, torch.tensor([-1.0 / 9.0]))
-    # one class in the batch: kappa = 1 whatever the marginal (as long as it is not one class)
-    skewed = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25]])
-    kappa = label_correlation(torch.tensor([[3, 3, 3, 3], [1, 1, 1, 1]]), skewed)
-    torch.testing.assert_close(kappa, torch.ones(2))
-    # a single sample has no pairs
+    # counts 2, 1, 1, 0 (n = 4): P_in = 2 / 12; s2 = 1/4, s3 = 1/16, so s3 - s2^2 = 0 and
+    # var = 2 / 12 * (1/4 - 1/16) = 1/32; z = (1/6 - 1/4) / sqrt(1/32)
+    z = label_correlation(torch.tensor([[0, 0, 1, 2]]), uniform)
+    torch.testing.assert_close(z, torch.tensor([(1 / 6 - 1 / 4) / math.sqrt(1 / 32)]))
+    # one class, skewed marginal: P_in = 1, s2 = 0.52, s3 = 0.346
+    skewed = torch.tensor([[0.7, 0.1, 0.1, 0.1]])
+    var = 4 * 2 / 12 * (0.346 - 0.52**2) + 2 / 12 * (0.52 - 0.52**2)
+    z = label_correlation(torch.tensor([[3, 3, 3, 3]]), skewed)
+    torch.testing.assert_close(z, torch.tensor([(1 - 0.52) / math.sqrt(var)]))
+    # streams are scored separately; a single sample has no pairs
+    z = label_correlation(torch.tensor([[0, 1, 2, 3], [1, 1, 1, 1]]), uniform.expand(2, -1))
+    assert z[0] < 0 < 3 < z[1]
     torch.testing.assert_close(label_correlation(torch.tensor([[2]]), uniform), torch.zeros(1))
 
 
 def test_gate_is_linear_between_the_thresholds() -> None:
-    kappa = torch.tensor([-0.5, 0.1, 0.2, 0.3, 0.9])
-    torch.testing.assert_close(gate_from_kappa(kappa, 0.1, 0.3), torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0]))
+    z = torch.tensor([-0.5, 3.0, 4.5, 6.0, 9.0])
+    torch.testing.assert_close(gate_from_score(z, 3.0, 6.0), torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0]))
 
 
 def _layer(span: float) -> GatedBatchNorm:
@@ -98,7 +102,7 @@ def test_balanced_batch_uses_test_statistics_and_sorted_batch_the_robust_ones() 
     robust_only(balanced)
     expected = robust_only(sorted_batch)
     out = adapted(sorted_batch)
-    assert adapted.method.last_kappa.item() == pytest.approx(1.0)
+    assert adapted.method.last_score.item() > 6.0
     assert adapted.method.last_gate.item() == 1.0
     torch.testing.assert_close(out, expected)
     assert out.argmax(1).eq(2).all()  # test-time BN would normalize the class away
@@ -143,5 +147,5 @@ def test_streams_gate_independently() -> None:
 
 
 def test_thresholds_must_be_ordered() -> None:
-    with pytest.raises(ValueError, match="kappa_high"):
-        tta.adapt(_readout(), method="gated_bn", kappa_low=0.5, kappa_high=0.2)
+    with pytest.raises(ValueError, match="z_high"):
+        tta.adapt(_readout(), method="gated_bn", z_low=5.0, z_high=2.0)

@@ -27,10 +27,11 @@ class GatedBNHparams:
     #: time constant, in samples, of the running marginal of predicted labels that the
     #: detector compares each batch with
     label_span: float = hparam(128.0, low=0.0, low_open=True)
-    #: kappa at or below which a batch counts as i.i.d. (gate 0: test-batch statistics)
-    kappa_low: float = hparam(0.1, low=-1.0, high=1.0)
-    #: kappa at or above which a batch counts as label-correlated (gate 1: robust statistics)
-    kappa_high: float = hparam(0.3, low=-1.0, high=1.0)
+    #: z-score of the batch's label agreement at or below which it counts as i.i.d. (gate 0:
+    #: test-batch statistics); chosen on the development streams (docs/RESULTS.md)
+    z_low: float = hparam(3.0)
+    #: z-score at or above which a batch counts as label-correlated (gate 1: robust statistics)
+    z_high: float = hparam(6.0)
     #: batches (per stream) smaller than this always use the robust statistics (gate 1):
     #: their test statistics are too noisy and the detector has too few pairs
     min_batch_size: int = hparam(16, low=2)
@@ -44,34 +45,41 @@ class GatedBNHparams:
 
 
 def label_correlation(labels: torch.Tensor, marginal: torch.Tensor) -> torch.Tensor:
-    """Per-stream excess label agreement within a batch, kappa.
+    """Per-stream z-score of the label agreement within a batch.
 
     ``labels``: ``(S, n)`` class indices; ``marginal``: ``(S, K)`` the running label
     distribution ``pi``. With ``c_k`` the count of class k in the batch,
 
     * ``P_in = sum_k c_k (c_k - 1) / (n (n - 1))``, the share of pairs of distinct samples of
-      the batch that have the same label (an unbiased estimate of ``sum_k p_k^2`` when the
-      batch is drawn i.i.d. from a label distribution p);
-    * ``P_ref = sum_k pi_k^2``, the same probability for two independent draws from pi;
-    * ``kappa = (P_in - P_ref) / (1 - P_ref)``: about 0 on an i.i.d. stream whose marginal
-      pi tracks, 1 when every batch holds one class (the intra-batch correlation of the
-      labels, in the manner of Cohen's kappa).
+      the batch that have the same label: an unbiased estimate (a U-statistic) of
+      ``s2 = sum_k pi_k^2`` when the batch is drawn i.i.d. from pi;
+    * its variance under that i.i.d. hypothesis (Hoeffding's formula for a U-statistic of
+      order 2, with ``s3 = sum_k pi_k^3``)::
 
-    ``n < 2`` gives kappa 0 (no pairs). Batched, no host synchronisation.
+          var = 4 (n - 2) / (n (n - 1)) (s3 - s2^2) + 2 / (n (n - 1)) (s2 - s2^2)
+
+    * ``z = (P_in - s2) / sqrt(var)``: about N(0, 1)-sized on an i.i.d. stream whose marginal
+      pi tracks, large when the labels of a batch are correlated (class-sorted or Dirichlet
+      streams). Being standardized, one threshold serves every batch size and class count.
+
+    ``n < 2`` gives z = 0 (no pairs). Batched, no host synchronisation.
     """
     streams, n = labels.shape
-    counts = torch.zeros(streams, marginal.shape[1], device=labels.device, dtype=torch.float32)
-    counts.scatter_add_(1, labels, torch.ones_like(labels, dtype=torch.float32))
     if n < 2:
         return torch.zeros(streams, device=labels.device)
+    counts = torch.zeros(streams, marginal.shape[1], device=labels.device, dtype=torch.float32)
+    counts.scatter_add_(1, labels, torch.ones_like(labels, dtype=torch.float32))
     p_in = (counts * (counts - 1)).sum(1) / (n * (n - 1))
-    p_ref = marginal.float().square().sum(1)
-    return (p_in - p_ref) / (1 - p_ref).clamp_min(1e-6)
+    pi = marginal.float()
+    s2 = pi.square().sum(1)
+    s3 = pi.pow(3).sum(1)
+    var = 4 * (n - 2) / (n * (n - 1)) * (s3 - s2.square()) + 2 / (n * (n - 1)) * (s2 - s2.square())
+    return (p_in - s2) / var.clamp_min(1e-12).sqrt()
 
 
-def gate_from_kappa(kappa: torch.Tensor, low: float, high: float) -> torch.Tensor:
+def gate_from_score(z: torch.Tensor, low: float, high: float) -> torch.Tensor:
     """0 at or below ``low``, 1 at or above ``high``, linear in between."""
-    return ((kappa - low) / (high - low)).clamp(0.0, 1.0)
+    return ((z - low) / (high - low)).clamp(0.0, 1.0)
 
 
 @contextlib.contextmanager
@@ -100,10 +108,10 @@ class GatedBN(StatisticsMethod):
        and second moments of its input (time constant ``span`` samples), updated with this
        batch first.
     2. **Detector**: the labels ``y = argmax`` of that forward (statistics that do not depend
-       on the class make-up of this batch) give kappa, the excess share of same-label pairs
-       in the batch over a running marginal pi of past labels (:func:`label_correlation`);
-       ``gate = clip((kappa - kappa_low) / (kappa_high - kappa_low), 0, 1)``, and gate 1 when
-       ``n < min_batch_size``. Then ``pi <- lerp(pi, counts / n, 1 - exp(-n / label_span))``.
+       on the class make-up of this batch) give z, the standardized excess of same-label
+       pairs in the batch over what i.i.d. draws from a running marginal pi of past labels
+       would give (:func:`label_correlation`); ``gate = clip((z - z_low) / (z_high - z_low),
+       0, 1)``, and gate 1 when ``n < min_batch_size``. Then ``pi <- lerp(pi, counts / n, 1 - exp(-n / label_span))``.
     3. **Gated forward**, the returned prediction: every BatchNorm normalizes with
        ``lerp(batch statistics, robust statistics, gate)``.
 
@@ -113,7 +121,7 @@ class GatedBN(StatisticsMethod):
 
     Cost: two forwards per batch; no host synchronisation. Under an objective
     (``"gated_bn+tent"``) the objective's single forward is the robust forward (no gate).
-    ``last_gate`` and ``last_kappa`` hold the values of the latest step (``(S,)`` tensors)
+    ``last_gate`` and ``last_score`` (z) hold the values of the latest step (``(S,)`` tensors)
     for monitoring.
     """
 
@@ -125,13 +133,11 @@ class GatedBN(StatisticsMethod):
         self.marginal = torch.zeros(0)
         self.register_state("marginal")
         self.last_gate: torch.Tensor | None = None
-        self.last_kappa: torch.Tensor | None = None
+        self.last_score: torch.Tensor | None = None
 
     def validate(self) -> None:
-        if self.hparams.kappa_high <= self.hparams.kappa_low:
-            raise ValueError(
-                f"gated_bn: kappa_high ({self.hparams.kappa_high}) must be greater than kappa_low ({self.hparams.kappa_low})"
-            )
+        if self.hparams.z_high <= self.hparams.z_low:
+            raise ValueError(f"gated_bn: z_high ({self.hparams.z_high}) must be greater than z_low ({self.hparams.z_low})")
 
     def convert(self, model: nn.Module) -> nn.Module:
         self._num_classes = self.hparams.num_classes or infer_num_classes(model, self.name)
@@ -160,17 +166,17 @@ class GatedBN(StatisticsMethod):
             n = robust.shape[0] // self.num_streams
             labels = robust.argmax(1).view(self.num_streams, n)
             marginal = self.marginal.to(labels.device)
-            kappa = label_correlation(labels, marginal)
+            score = label_correlation(labels, marginal)
             if hp.fixed_gate is not None:
-                gate = torch.full_like(kappa, hp.fixed_gate)
+                gate = torch.full_like(score, hp.fixed_gate)
             elif n < hp.min_batch_size:
-                gate = torch.ones_like(kappa)
+                gate = torch.ones_like(score)
             else:
-                gate = gate_from_kappa(kappa, hp.kappa_low, hp.kappa_high)
+                gate = gate_from_score(score, hp.z_low, hp.z_high)
             if update:
                 share = torch.zeros_like(marginal).scatter_add_(1, labels, torch.ones_like(labels, dtype=marginal.dtype)) / n
                 self.marginal = torch.lerp(marginal, share, sample_rate(n, hp.label_span))
-                self.last_gate, self.last_kappa = gate, kappa
+                self.last_gate, self.last_score = gate, score
             for layer in layers:
                 layer.gate = gate
             return model(x)
