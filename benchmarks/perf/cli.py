@@ -21,7 +21,7 @@ from benchmarks.perf.models import MODELS, build_model
 SECTIONS = ("methods", "corruptions", "multistream", "profile")
 #: every registered method that runs on a plain model (bcn needs a BCN model; eata without a
 #: source loader is eta, so eta stands for both)
-DEFAULT_METHODS = "source,norm,alpha_bn,unmix_tns,unmix_tns_mass,rbn,balanced_bn,tent,sar,eta,roid,rotta,tribe,lame"
+DEFAULT_METHODS = "source,norm,alpha_bn,unmix_tns,unmix_tns_mass,rbn,balanced_bn,gated_bn,tent,sar,eta,roid,rotta,tribe,lame"
 
 
 def _ints(text: str) -> list[int]:

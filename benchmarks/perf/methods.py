@@ -30,13 +30,14 @@ DEFAULT_METHODS: dict[str, dict[str, Any]] = {
     "lame": {},
     "rbn": {},
     "balanced_bn": {},
+    "gated_bn": {},
     "rotta": {},
     "tribe": {},
     "roid": {},
     "eata": {},
     "unmix_tns_mass": {"k": 16},
 }
-STATISTICS_METHODS = ("norm", "alpha_bn", "unmix_tns", "rbn", "balanced_bn", "unmix_tns_mass")
+STATISTICS_METHODS = ("norm", "alpha_bn", "unmix_tns", "rbn", "balanced_bn", "gated_bn", "unmix_tns_mass")
 PLAIN = "plain"
 
 

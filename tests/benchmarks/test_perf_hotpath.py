@@ -34,6 +34,9 @@ STATISTICS = [
     ("norm", {"momentum": 0.1}),
     ("alpha_bn", {}),
     ("unmix_tns", {}),
+    ("rbn", {}),
+    ("balanced_bn", {}),
+    ("gated_bn", {}),
 ]
 
 
