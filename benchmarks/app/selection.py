@@ -256,7 +256,7 @@ def current_auto_rule() -> Rule:
     from tta.api import choose_method
 
     probes = {
-        "batchnorm": nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)),
+        "batchnorm": nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)),
         "group_layer_norm": nn.Sequential(nn.Conv2d(3, 4, 1), nn.GroupNorm(2, 4)),
         "none": nn.Sequential(nn.Conv2d(3, 4, 1)),
     }

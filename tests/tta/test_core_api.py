@@ -40,9 +40,11 @@ def test_unknown_method_and_hparam_raise_listing_valid_ones():
 def test_auto_picks_from_the_normalization_layers_and_says_so(caplog):
     with caplog.at_level(logging.INFO, logger="tta"):
         adapted = tta.adapt(small_bn_cnn())
-    assert adapted.method_name == "gated_bn"
+    assert adapted.method_name == "balanced_bn"
     assert "BatchNorm" in adapted.auto_reason
-    assert "gated_bn" in caplog.text
+    assert "balanced_bn" in caplog.text
+    headless = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    assert tta.adapt(headless).method_name == "source"  # no classifier to read the class count
     plain = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
     assert tta.adapt(plain).method_name == "source"
 
