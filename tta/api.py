@@ -31,9 +31,9 @@ def choose_method(model: nn.Module) -> tuple[str, str]:
     was picked from those alone, then scored on evaluation streams that took no part in the
     choice (``scripts/run_selection.sh``; regret tables in docs/RESULTS.md and the README).
 
-    * BatchNorm layers: ``balanced_bn`` (TRIBE's class-balanced statistics), the only
-      candidate that stayed within 0.5 points of the source model on every development stream
-      with the smallest largest regret; it needs the class count, read from the model's last
+    * BatchNorm layers: ``balanced_bn`` (TRIBE's class-balanced statistics): of the
+      candidates within 0.5 points of the source model on every development stream, the one
+      with the smallest largest regret to the best method; it needs the class count, read from the model's last
       ``nn.Linear``: without one, ``source``.
     * Only GroupNorm/LayerNorm: ``sar`` when registered, else ``source``.
     * No normalization layer (or only other kinds, such as batch-channel normalization,

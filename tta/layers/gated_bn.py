@@ -53,10 +53,6 @@ class GatedBatchNorm(AdaptiveNorm):
         self.gate: torch.Tensor | None = None
         self._robust: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def robust_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stored robust mean and variance ``(S, C)`` (before any update)."""
-        return self.moment1, (self.moment2 - self.moment1.square()).clamp_min(0.0)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         mean, var = stream_stats(x, self.num_streams)

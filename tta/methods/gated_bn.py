@@ -123,6 +123,11 @@ class GatedBN(StatisticsMethod):
     (``norm``, at twice its cost); gate 1 is the robust moment average alone (a robust BN
     that averages raw moments); docs/RESULTS.md reports both beside the gated method.
 
+    Known failure (docs/RESULTS.md): on class runs longer than ``label_span`` (CIFAR-10-C
+    sorted with 2,000 images per corruption: a class lasts three batches) the marginal
+    follows the run, the gate opens and test-batch BN collapses (66.6 % error against 40.8 %
+    for the source model). That is why it is not ``auto``'s choice.
+
     Cost: two forwards per batch; no host synchronisation. Under an objective
     (``"gated_bn+tent"``) the objective's single forward is the robust forward (no gate).
     ``last_gate`` and ``last_score`` (z) hold the values of the latest step (``(S,)`` tensors)
