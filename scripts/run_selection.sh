@@ -50,11 +50,6 @@ sweep() {  # sweep <split/name> <overrides...>: one multirun into $OUT/<split>/<
   local name=$1; shift
   "$PY" -m benchmarks.run -m name="$name" paths.output_root="$OUT" launcher=joblib runtime.num_threads=1 "$@"
 }
-bn() {  # bn <split/name> <overrides...>: the BN pool (and the gated variant) on a CIFAR-10-C stream
-  local name=$1; shift
-  sweep "$name" model=cifar10_resnet26 method="$BN_POOL" "$@"
-  sweep "$name" model=cifar10_resnet26 "${GATED_VARIANT[@]}" "$@"
-}
 core() { local name=$1; shift; sweep "$name" model=cifar10_resnet26 method="${POOL:-$CORE_POOL}" "$@"; }
 gn() { local name=$1; shift; sweep "$name" model=cifar10_resnet26_gn method="$GN_POOL" "$@"; }
 C=(experiment=cifar10c_continual "${FILES[@]}" stream.batch_size=64)

@@ -11,9 +11,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from tta.features import find_classifier
 from tta.input_check import InputCheck, make_input_check
 from tta.layers.base import AdaptiveNorm, commit_layers
+from tta.methods.balanced_bn import infer_num_classes
 from tta.methods.base import DEFAULT_SEED, Method
 from tta.registry import available_methods, build_method
 from tta.surgery import find_norm_layers, is_group_or_layer_norm
@@ -43,10 +43,11 @@ def choose_method(model: nn.Module) -> tuple[str, str]:
     """
     registered = set(available_methods())
     if find_norm_layers(model):
-        found = find_classifier(model)
-        if found is not None and isinstance(found[1], nn.Linear):
-            return "balanced_bn", "the model has BatchNorm layers"
-        return "source", "the model has BatchNorm layers but no Linear classifier to read the class count from"
+        try:
+            infer_num_classes(model, "balanced_bn")
+        except ValueError:
+            return "source", "the model has BatchNorm layers but no Linear classifier to read the class count from"
+        return "balanced_bn", "the model has BatchNorm layers"
     if any(is_group_or_layer_norm(module) for module in model.modules()):
         if "sar" in registered:
             return "sar", "the model has GroupNorm/LayerNorm layers and no BatchNorm"

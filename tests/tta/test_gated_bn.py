@@ -11,7 +11,7 @@ from torch import nn
 
 import tta
 from tta.layers.gated_bn import GatedBatchNorm, sample_rate
-from tta.methods.gated_bn import gate_from_score, label_correlation
+from tta.methods.gated_bn import gate_from_score, label_correlation, label_counts
 from tta.surgery import source_state
 
 
@@ -19,17 +19,17 @@ def test_label_correlation_hand_computed() -> None:
     uniform = torch.full((1, 4), 0.25)
     # counts 2, 1, 1, 0 (n = 4): P_in = 2 / 12; s2 = 1/4, s3 = 1/16, so s3 - s2^2 = 0 and
     # var = 2 / 12 * (1/4 - 1/16) = 1/32; z = (1/6 - 1/4) / sqrt(1/32)
-    z = label_correlation(torch.tensor([[0, 0, 1, 2]]), uniform)
+    z = label_correlation(label_counts(torch.tensor([[0, 0, 1, 2]]), 4), 4, uniform)
     torch.testing.assert_close(z, torch.tensor([(1 / 6 - 1 / 4) / math.sqrt(1 / 32)]))
     # one class, skewed marginal: P_in = 1, s2 = 0.52, s3 = 0.346
     skewed = torch.tensor([[0.7, 0.1, 0.1, 0.1]])
     var = 4 * 2 / 12 * (0.346 - 0.52**2) + 2 / 12 * (0.52 - 0.52**2)
-    z = label_correlation(torch.tensor([[3, 3, 3, 3]]), skewed)
+    z = label_correlation(label_counts(torch.tensor([[3, 3, 3, 3]]), 4), 4, skewed)
     torch.testing.assert_close(z, torch.tensor([(1 - 0.52) / math.sqrt(var)]))
     # streams are scored separately; a single sample has no pairs
-    z = label_correlation(torch.tensor([[0, 1, 2, 3], [1, 1, 1, 1]]), uniform.expand(2, -1))
+    z = label_correlation(label_counts(torch.tensor([[0, 1, 2, 3], [1, 1, 1, 1]]), 4), 4, uniform.expand(2, -1))
     assert z[0] < 0 < 3 < z[1]
-    torch.testing.assert_close(label_correlation(torch.tensor([[2]]), uniform), torch.zeros(1))
+    torch.testing.assert_close(label_correlation(label_counts(torch.tensor([[2]]), 4), 1, uniform), torch.zeros(1))
 
 
 def test_gate_is_linear_between_the_thresholds() -> None:

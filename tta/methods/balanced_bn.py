@@ -40,6 +40,15 @@ def infer_num_classes(model: nn.Module, method: str) -> int:
     raise ValueError(f"method {method!r} cannot find the model's classifier; pass num_classes=<K>")
 
 
+def check_class_output(out: torch.Tensor, num_classes: int, method: str) -> None:
+    """A ``ValueError`` unless ``out`` holds logits ``(N, num_classes)``."""
+    if out.dim() != 2 or out.shape[1] != num_classes:
+        raise ValueError(
+            f"{method} was built for {num_classes} classes, the model returned "
+            f"shape {tuple(out.shape)}; pass num_classes=<K>"
+        )
+
+
 @contextlib.contextmanager
 def frozen_layers(layers: list[BalancedBatchNorm]) -> Iterator[None]:
     """Within the context the layers normalize with their stored statistics, unchanged."""
@@ -103,11 +112,7 @@ class BalancedBN(StatisticsMethod):
     def step(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         layers = self.layers(model)
         out = self.predict(model, x)
-        if out.dim() != 2 or out.shape[1] != self._num_classes:
-            raise ValueError(
-                f"balanced_bn was built for {self._num_classes} classes, the model returned "
-                f"shape {tuple(out.shape)}; pass num_classes=<K>"
-            )
+        check_class_output(out, self._num_classes, self.name)
         labels = out.argmax(1)
         try:
             for layer in layers:

@@ -13,7 +13,7 @@ from torch import nn
 
 from tta.layers.base import AdaptiveNorm, SourceNormState
 from tta.layers.gated_bn import GatedBatchNorm, sample_rate
-from tta.methods.balanced_bn import infer_num_classes
+from tta.methods.balanced_bn import check_class_output, infer_num_classes
 from tta.methods.base import hparam
 from tta.methods.statistics import StatisticsMethod, layers_hparam
 from tta.registry import register_method
@@ -48,11 +48,18 @@ class GatedBNHparams:
     layers: str = layers_hparam("all")
 
 
-def label_correlation(labels: torch.Tensor, marginal: torch.Tensor) -> torch.Tensor:
+def label_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``(S, K)`` float32 count of each class in each stream's labels ``(S, n)``."""
+    counts = torch.zeros(labels.shape[0], num_classes, device=labels.device, dtype=torch.float32)
+    return counts.scatter_add_(1, labels, torch.ones_like(labels, dtype=torch.float32))
+
+
+def label_correlation(counts: torch.Tensor, n: int, marginal: torch.Tensor) -> torch.Tensor:
     """Per-stream z-score of the label agreement within a batch.
 
-    ``labels``: ``(S, n)`` class indices; ``marginal``: ``(S, K)`` the running label
-    distribution ``pi``. With ``c_k`` the count of class k in the batch,
+    ``counts``: ``(S, K)`` class counts of the batch (:func:`label_counts`), ``n`` samples
+    per stream; ``marginal``: ``(S, K)`` the running label distribution ``pi``. With ``c_k`` the
+    count of class k,
 
     * ``P_in = sum_k c_k (c_k - 1) / (n (n - 1))``, the share of pairs of distinct samples of
       the batch that have the same label: an unbiased estimate (a U-statistic) of
@@ -68,11 +75,8 @@ def label_correlation(labels: torch.Tensor, marginal: torch.Tensor) -> torch.Ten
 
     ``n < 2`` gives z = 0 (no pairs). Batched, no host synchronisation.
     """
-    streams, n = labels.shape
     if n < 2:
-        return torch.zeros(streams, device=labels.device)
-    counts = torch.zeros(streams, marginal.shape[1], device=labels.device, dtype=torch.float32)
-    counts.scatter_add_(1, labels, torch.ones_like(labels, dtype=torch.float32))
+        return torch.zeros(counts.shape[0], device=counts.device)
     p_in = (counts * (counts - 1)).sum(1) / (n * (n - 1))
     pi = marginal.float()
     s2 = pi.square().sum(1)
@@ -167,15 +171,12 @@ class GatedBN(StatisticsMethod):
         layers = self.layers(model)
         with torch.no_grad(), _step_layers(layers):
             robust = model(x)
-            if robust.dim() != 2 or robust.shape[1] != self._num_classes:
-                raise ValueError(
-                    f"gated_bn was built for {self._num_classes} classes, the model returned "
-                    f"shape {tuple(robust.shape)}; pass num_classes=<K>"
-                )
+            check_class_output(robust, self._num_classes, self.name)
             n = robust.shape[0] // self.num_streams
             labels = robust.argmax(1).view(self.num_streams, n)
             marginal = self.marginal.to(labels.device)
-            score = label_correlation(labels, marginal)
+            counts = label_counts(labels, self._num_classes)
+            score = label_correlation(counts, n, marginal)
             if hp.fixed_gate is not None:
                 gate = torch.full_like(score, hp.fixed_gate)
             elif n < hp.min_batch_size:
@@ -183,8 +184,7 @@ class GatedBN(StatisticsMethod):
             else:
                 gate = gate_from_score(score, hp.z_low, hp.z_high)
             if update:
-                share = torch.zeros_like(marginal).scatter_add_(1, labels, torch.ones_like(labels, dtype=marginal.dtype)) / n
-                self.marginal = torch.lerp(marginal, share, sample_rate(n, hp.label_span))
+                self.marginal = torch.lerp(marginal, counts / n, sample_rate(n, hp.label_span))
                 self.last_gate, self.last_score = gate, score
             for layer in layers:
                 layer.gate = gate
