@@ -34,6 +34,7 @@ STATISTICS = [
     ("norm", {"momentum": 0.1}),
     ("alpha_bn", {}),
     ("unmix_tns", {}),
+    ("unmix_tns_mass", {}),
     ("rbn", {}),
     ("balanced_bn", {}),
     ("gated_bn", {}),
