@@ -44,7 +44,7 @@ CORE_POOL=source,norm,tent,lame,alpha_bn,rbn,balanced_bn,unmix_tns,gated_bn
 # candidates are LONG_POOL.
 LONG_POOL=source,norm,lame,alpha_bn,rbn,balanced_bn,unmix_tns,gated_bn
 GN_POOL=source,tent,sar,eta,roid,lame
-# Amended at 21:40 UTC on 2026-11-28 (a later session), after the selection above had been
+# Amended at 21:31 UTC on 2026-11-28 (a later session), after the selection above had been
 # made and scored, and before any run of what follows:
 # * the global-imbalance evaluation stream runs at 2,000 images per corruption (about 870
 #   after the factor-10 long tail): at 300 the official Dirichlet sampler finds no order with
@@ -98,7 +98,7 @@ eval_bn_300() {
   core eval/bn_severity3_300 "${C[@]}" seed=2 stream.n_examples=300 'stream.severities=[3]'
   core eval/bn_mixed_300 experiment=cifar10c_mixed "${FILES[@]}" stream.batch_size=64 seed=2 stream.n_examples=300
   # TRIBE's GLI-TTA (long-tailed classes, factor 10, under a Dirichlet 0.1 label order) was
-  # declared here at 300 per corruption; it runs at 2,000 (eval_bn_imbalanced, 21:40 amendment)
+  # declared here at 300 per corruption; it runs at 2,000 (eval_bn_imbalanced, 21:31 amendment)
 }
 eval_bn_batch() {
   POOL=$LONG_POOL core eval/bn_batch16_300 "${C[@]}" seed=2 stream.n_examples=300 stream.batch_size=16
@@ -107,7 +107,7 @@ eval_bn_batch() {
 eval_bn_gradual() {  # severities 1..5..1, 100 images per (corruption, severity), corrupted on the fly
   core eval/bn_gradual experiment=cifar10c_continual stream.batch_size=64 seed=2 stream.n_examples=100 stream.schedule=gradual
 }
-eval_bn_imbalanced() {  # TRIBE's GLI-TTA at 2,000 per corruption (amendment of 21:40)
+eval_bn_imbalanced() {  # TRIBE's GLI-TTA at 2,000 per corruption (amendment of 21:31)
   core eval/bn_imbalanced_2000 "${C[@]}" stream=imbalanced seed=2 stream.n_examples=2000
 }
 bcn() { local name=$1; shift; sweep "$name" model=cifar10_resnet26_bcn_ws method="$BCN_POOL" "$@"; }
