@@ -46,12 +46,12 @@ LONG_POOL=source,norm,lame,alpha_bn,rbn,balanced_bn,unmix_tns,gated_bn
 GN_POOL=source,tent,sar,eta,roid,lame
 # Amended at 21:31 UTC on 2026-11-28 (a later session), after the selection above had been
 # made and scored, and before any run of what follows:
-# * the global-imbalance evaluation stream runs at 2,000 images per corruption (about 870
+# * the global-imbalance evaluation stream runs at 2,000 images per corruption (721
 #   after the factor-10 long tail): at 300 the official Dirichlet sampler finds no order with
 #   at least 10 images per chunk and times out (docs/RESULTS.md); pool CORE_POOL;
 # * the gradual evaluation ramp (dropped at 20:02) is run again, pool CORE_POOL;
 # * the BCN+WS model gets a selection of its own, declared here before its model had finished
-#   trained: development streams seed 1 (i.i.d. and sorted, 300 per corruption), evaluation
+#   training: development streams seed 1 (i.i.d. and sorted, 300 per corruption), evaluation
 #   streams seed 2 (i.i.d., sorted, Dirichlet 0.01, 300 per corruption), batch 64, pool
 #   BCN_POOL: the methods that apply to BCN layers, less `roid` (the slowest, for compute;
 #   infeasible on the GN dev i.i.d. stream);
