@@ -61,6 +61,9 @@ GN_POOL=source,tent,sar,eta,roid,lame
 # * the 2,000-image i.i.d. stream (seed 1, LONG_POOL), for the long-stream table of
 #   docs/RESULTS.md (not used by any selection: the choice was already made).
 BCN_POOL=source,bcn,tent,sar,eta,lame
+# Amended again at 22:46 UTC (same later session), before any run of what follows: two more
+# evaluation streams at 2,000 images per corruption, seed 2, LONG_POOL: continual i.i.d. and
+# class-sorted (global imbalance was the only 2,000-image evaluation stream). Scored only.
 FILES=(dataset=cifar10c_files "dataset.data_root=$CIFAR10C")
 
 sweep() {  # sweep <split/name> <overrides...>: one multirun into $OUT/<split>/<name>
@@ -110,6 +113,10 @@ eval_bn_gradual() {  # severities 1..5..1, 100 images per (corruption, severity)
 eval_bn_imbalanced() {  # TRIBE's GLI-TTA at 2,000 per corruption (amendment of 21:31)
   core eval/bn_imbalanced_2000 "${C[@]}" stream=imbalanced seed=2 stream.n_examples=2000
 }
+eval_bn_2000() {
+  POOL=$LONG_POOL core eval/bn_iid_2000 "${C[@]}" seed=2 stream.n_examples=2000
+  POOL=$LONG_POOL core eval/bn_sorted_2000 "${C[@]}" seed=2 stream.n_examples=2000 stream.label_order=sorted
+}
 bcn() { local name=$1; shift; sweep "$name" model=cifar10_resnet26_bcn_ws method="$BCN_POOL" "$@"; }
 dev_bcn() {
   bcn dev/bcn_iid_300 "${C[@]}" seed=1 stream.n_examples=300
@@ -156,6 +163,6 @@ select_rule() {  # one selection per model family (the pools differ), from dev o
 }
 
 dev() { dev_bn_300; dev_digits; dev_gn; dev_bn_2000; dev_bcn; }
-eval_all() { eval_bn_300; eval_digits; eval_gn; eval_bn_batch; eval_bn_imbalanced; eval_bn_gradual; eval_bcn; }
+eval_all() { eval_bn_300; eval_digits; eval_gn; eval_bn_batch; eval_bn_imbalanced; eval_bn_gradual; eval_bn_2000; eval_bcn; }
 [ $# -eq 0 ] && set -- dev eval_all select_rule
 for section in "$@"; do "$section"; done
