@@ -13,6 +13,7 @@ from torch import nn
 
 from tta.input_check import InputCheck, make_input_check
 from tta.layers.base import AdaptiveNorm, commit_layers
+from tta.layers.bcn import BatchChannelNorm2d
 from tta.methods.balanced_bn import infer_num_classes
 from tta.methods.base import DEFAULT_SEED, Method
 from tta.registry import available_methods, build_method
@@ -31,17 +32,21 @@ def choose_method(model: nn.Module) -> tuple[str, str]:
     was picked from those alone, then scored on evaluation streams that took no part in the
     choice (``scripts/run_selection.sh``; regret tables in docs/RESULTS.md and the README).
 
+    * Batch-channel normalization layers (:class:`tta.layers.BatchChannelNorm2d`, a BCN+WS
+      model): ``bcn``, best on both development streams of the BCN+WS ResNet-26 (i.i.d. and
+      class-sorted CIFAR-10-C).
     * BatchNorm layers: ``balanced_bn`` (TRIBE's class-balanced statistics): of the
       candidates within 0.5 points of the source model on every development stream, the one
       with the smallest largest regret to the best method; it needs the class count, read from the model's last
       ``nn.Linear``: without one, ``source``.
     * Only GroupNorm/LayerNorm: ``sar`` when registered, else ``source``.
-    * No normalization layer (or only other kinds, such as batch-channel normalization,
-      which no selection measured): ``source``.
+    * No normalization layer, or only kinds that no selection measured: ``source``.
 
     Every choice is deterministic for a given model: none of them draws random numbers.
     """
     registered = set(available_methods())
+    if "bcn" in registered and any(isinstance(module, BatchChannelNorm2d) for module in model.modules()):
+        return "bcn", "the model has batch-channel normalization layers"
     if find_norm_layers(model):
         try:
             infer_num_classes(model, "balanced_bn")
@@ -52,7 +57,7 @@ def choose_method(model: nn.Module) -> tuple[str, str]:
         if "sar" in registered:
             return "sar", "the model has GroupNorm/LayerNorm layers and no BatchNorm"
         return "source", "GroupNorm/LayerNorm only, and no entropy method is registered"
-    return "source", "the model has no normalization layer to adapt"
+    return "source", "the model has no normalization layer that a selection measured"
 
 
 @contextlib.contextmanager

@@ -65,8 +65,11 @@ def _layer_classes(block: Mapping[str, Any]) -> list[str]:
 def norm_kind(block: Mapping[str, Any]) -> str:
     """The branches of :func:`tta.api.choose_method`, from the recorded layer class names:
     ``batchnorm`` (any BatchNorm flavour), ``group_layer_norm`` (GroupNorm/LayerNorm and no
-    BatchNorm), ``none`` (no normalization layer), ``other`` (only other normalization classes)."""
+    BatchNorm), ``batch_channel_norm`` (batch-channel normalization, before the other two),
+    ``none`` (no normalization layer), ``other`` (only other normalization classes)."""
     classes = _layer_classes(block)
+    if any("BatchChannelNorm" in name for name in classes):
+        return "batch_channel_norm"
     if any("BatchNorm" in name for name in classes):
         return "batchnorm"
     if any("GroupNorm" in name or "LayerNorm" in name for name in classes):
@@ -254,10 +257,12 @@ def current_auto_rule() -> Rule:
     from torch import nn
 
     from tta.api import choose_method
+    from tta.layers.bcn import BatchChannelNorm2d
 
     probes = {
         "batchnorm": nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)),
         "group_layer_norm": nn.Sequential(nn.Conv2d(3, 4, 1), nn.GroupNorm(2, 4)),
+        "batch_channel_norm": nn.Sequential(nn.Conv2d(3, 4, 1), BatchChannelNorm2d(4, num_groups=2)),
         "none": nn.Sequential(nn.Conv2d(3, 4, 1)),
     }
     choice = tuple((kind, choose_method(model)[0]) for kind, model in probes.items())

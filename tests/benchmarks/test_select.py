@@ -171,7 +171,7 @@ def test_feature_values_no_dev_stream_measured_fall_back_to_source(tmp_path: Pat
 def test_todays_auto_is_a_scored_candidate_when_its_methods_ran(tmp_path: Path) -> None:
     auto = current_auto_rule()
     picks = dict(auto.choice)
-    assert set(picks) == {"batchnorm", "group_layer_norm", "none"} and picks["none"] == "source"
+    assert set(picks) == {"batchnorm", "group_layer_norm", "batch_channel_norm", "none"} and picks["none"] == "source"
     dev_table = {k: {**v, picks["batchnorm"]: 39.0, picks["group_layer_norm"]: 31.0} for k, v in DEV.items()}
     eval_table = {k: {**v, picks["batchnorm"]: 39.0, picks["group_layer_norm"]: 31.0} for k, v in EVAL.items()}
     dev, ev = records(tmp_path, dev_table, eval_table)

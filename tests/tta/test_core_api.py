@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import tta
+from tta.layers.bcn import BatchChannelNorm2d
 
 from .helpers import batches, small_bn_cnn
 
@@ -47,6 +48,12 @@ def test_auto_picks_from_the_normalization_layers_and_says_so(caplog):
     assert tta.adapt(headless).method_name == "source"  # no classifier to read the class count
     plain = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
     assert tta.adapt(plain).method_name == "source"
+    bcn_model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), BatchChannelNorm2d(4, num_groups=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)
+    ).eval()
+    bcn_adapted = tta.adapt(bcn_model)
+    assert bcn_adapted.method_name == "bcn" and "batch-channel" in bcn_adapted.auto_reason
+    assert bcn_adapted(torch.randn(8, 3, 6, 6)).shape == (8, 3)
 
 
 def test_auto_is_deterministic_for_a_model():
