@@ -115,26 +115,34 @@ class BalancedBatchNorm(AdaptiveNorm):
         count = torch.zeros(s * k, device=x.device, dtype=torch.float32).index_add_(
             0, index, torch.ones_like(index, dtype=torch.float32)
         )
-        delta = torch.zeros_like(local_mean, dtype=diff.dtype).index_add(0, index, diff)
-        square = torch.zeros_like(local_mean, dtype=diff.dtype).index_add(0, index, diff_sq)
         step = torch.where(count > 1.0 / self.eta, 1.0 / count.clamp_min(1.0), self.eta)
-        present = (count > 0).to(diff.dtype)
-        delta = delta * step[:, None]  # zero rows for absent classes
-        gamma = self.gamma
-
-        def per_stream_mean(values: torch.Tensor) -> torch.Tensor:
-            # mean over the classes present in each stream's batch
-            grouped = (values * present.view(s * k, *([1] * (values.dim() - 1)))).view(s, k, *values.shape[1:])
-            return grouped.sum(1) / present.view(s, k).sum(1).view(s, *([1] * (values.dim() - 1)))
-
-        new_mean = local_mean + (1.0 - gamma) * delta  # absent classes: delta = 0
-        new_mean = new_mean.view(s, k, c) + gamma * per_stream_mean(delta)[:, None]
-        class_var = local_var + present[:, None] * (1.0 - gamma) * (
-            step[:, None] * (square - count[:, None] * local_var) - delta.square()
+        sample_step = step[index][:, None]  # m_k of each sample's class
+        # Scatter-adds of per-sample terms: rows of absent classes stay exactly zero, and each
+        # K x C pass is made once (K can be 1,000: these passes, not the forward, dominate).
+        # delta_k = m_k sum_n d_n; shrink_k = m_k (S_k - n_k sigma_k^2)
+        delta = torch.zeros_like(local_mean, dtype=diff.dtype).index_add(0, index, sample_step * diff)
+        shrink = torch.zeros_like(local_mean, dtype=diff.dtype).index_add(
+            0, index, sample_step * (diff_sq - local_var[index])
         )
-        gap = per_stream_mean(step[:, None] * square - delta.square())  # (S, C)
-        rate = per_stream_mean(step * count)  # (S,)
-        new_var = class_var.view(s, k, c) + gamma * (gap[:, None] - rate.view(s, 1, 1) * class_var.view(s, k, c))
+        gamma = self.gamma
+        delta_sq = delta.square()
+        new_mean = local_mean + (1.0 - gamma) * delta if gamma else local_mean + delta
+        class_var = local_var + (1.0 - gamma) * (shrink - delta_sq) if gamma else local_var + (shrink - delta_sq)
+        new_mean, new_var = new_mean.view(s, k, c), class_var.view(s, k, c)
+        if gamma:
+            present = (count > 0).to(diff.dtype).view(s, k)
+            num_present = present.sum(1)  # (S,)
+
+            def per_stream_mean(values: torch.Tensor) -> torch.Tensor:
+                # mean over the classes present in each stream's batch (absent rows are zero)
+                return values.view(s, k, *values.shape[1:]).sum(1) / num_present.view(s, *([1] * (values.dim() - 1)))
+
+            new_mean = new_mean + gamma * per_stream_mean(delta)[:, None]
+            # m_k S_k - delta_k^2 = shrink_k + m_k n_k sigma_k^2 - delta_k^2 (zero for absent classes)
+            step_count = step * count * present.view(-1)
+            gap = per_stream_mean(shrink + step_count[:, None] * local_var - delta_sq)  # (S, C)
+            rate = per_stream_mean(step_count)  # (S,)
+            new_var = new_var + gamma * (gap[:, None] - rate.view(s, 1, 1) * new_var)
         global_mean = new_mean.mean(1)
         global_var = new_var.mean(1) + new_mean.var(1)  # unbiased over classes, as the official code
         self.propose_update(local_mean=new_mean, local_var=new_var, global_mean=global_mean, global_var=global_var)
