@@ -126,9 +126,8 @@ class BalancedBatchNorm(AdaptiveNorm):
         )
         gamma = self.gamma
         delta_sq = delta.square()
-        new_mean = local_mean + (1.0 - gamma) * delta if gamma else local_mean + delta
-        class_var = local_var + (1.0 - gamma) * (shrink - delta_sq) if gamma else local_var + (shrink - delta_sq)
-        new_mean, new_var = new_mean.view(s, k, c), class_var.view(s, k, c)
+        new_mean = torch.add(local_mean, delta, alpha=1.0 - gamma).view(s, k, c)
+        new_var = torch.add(local_var, shrink - delta_sq, alpha=1.0 - gamma).view(s, k, c)
         if gamma:
             present = (count > 0).to(diff.dtype).view(s, k)
             num_present = present.sum(1)  # (S,)
@@ -139,7 +138,7 @@ class BalancedBatchNorm(AdaptiveNorm):
 
             new_mean = new_mean + gamma * per_stream_mean(delta)[:, None]
             # m_k S_k - delta_k^2 = shrink_k + m_k n_k sigma_k^2 - delta_k^2 (zero for absent classes)
-            step_count = step * count * present.view(-1)
+            step_count = step * count  # zero for absent classes
             gap = per_stream_mean(shrink + step_count[:, None] * local_var - delta_sq)  # (S, C)
             rate = per_stream_mean(step_count)  # (S,)
             new_var = new_var + gamma * (gap[:, None] - rate.view(s, 1, 1) * new_var)
