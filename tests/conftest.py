@@ -20,3 +20,10 @@ def _seed() -> None:
 
 def shared_data_dir() -> Path:
     return Path(os.environ.get("TTA_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    from tests import official
+
+    official.current_item = item

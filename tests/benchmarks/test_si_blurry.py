@@ -5,13 +5,12 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from benchmarks.streams import si_blurry_split, si_blurry_tasks
+from tests.official import checkout_root
 
 # 20 classes x 30 samples, interleaved in dataset order as real datasets are.
 LABELS = np.tile(np.arange(20), 30)
@@ -119,10 +118,7 @@ def test_edge_percentages():
 
 
 def _official_sampler():
-    root = os.environ.get("SI_BLURRY_ROOT")
-    path = Path(root or "/nonexistent") / "utils" / "online_sampler.py"
-    if not path.is_file():
-        pytest.skip("set SI_BLURRY_ROOT to a moonjunyyy/Si-Blurry checkout")
+    path = checkout_root("SI_BLURRY_ROOT") / "utils" / "online_sampler.py"
     spec = importlib.util.spec_from_file_location("_si_blurry_online_sampler", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -138,6 +134,7 @@ class _Dataset:
         return len(self.targets)
 
 
+@pytest.mark.official
 @pytest.mark.parametrize("stochastic", [True, False])
 @pytest.mark.parametrize("seed", [1, 2, 5])
 def test_matches_official_sampler(stochastic, seed):

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import ast
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.official import checkout_root
 from benchmarks.streams import (
     dirichlet_chunks,
     dirichlet_order,
@@ -98,12 +97,9 @@ def _official_sort_by_dirichlet():
     """``sort_by_dirichlet`` read from a local mariodoebler/test-time-adaptation checkout.
 
     Set TTA_BENCHMARK_ROOT to the checkout; the function is extracted from the file's syntax
-    tree (the module itself needs packages we do not install). Skips when absent.
+    tree (the module itself needs packages we do not install).
     """
-    root = os.environ.get("TTA_BENCHMARK_ROOT")
-    path = Path(root or "/nonexistent") / "classification" / "datasets" / "data_loading.py"
-    if not path.is_file():
-        pytest.skip("set TTA_BENCHMARK_ROOT to a mariodoebler/test-time-adaptation checkout")
+    path = checkout_root("TTA_BENCHMARK_ROOT") / "classification" / "datasets" / "data_loading.py"
     tree = ast.parse(path.read_text())
     node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "sort_by_dirichlet")
     namespace = {"np": np, "time": __import__("time")}
@@ -111,6 +107,7 @@ def _official_sort_by_dirichlet():
     return namespace["sort_by_dirichlet"]
 
 
+@pytest.mark.official
 @pytest.mark.parametrize("delta", [0.01, 0.1, 1.0])
 def test_dirichlet_matches_official_code_with_legacy_rng(delta):
     official = _official_sort_by_dirichlet()
@@ -186,6 +183,7 @@ def test_official_seeding_in_a_stream_plan():
         StreamConfig(seeding="numpy")
 
 
+@pytest.mark.official
 @pytest.mark.parametrize("delta", [0.1, 1.0])
 def test_official_seeding_matches_the_official_loader_steps(delta):
     """Differential: the official ``sort_by_dirichlet`` after the loader's seeding and shuffle."""

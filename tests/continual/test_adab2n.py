@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.official import checkout_root
 from continual.convert import (
     adab2n_layers,
     convert_norm,
@@ -236,16 +235,15 @@ def test_converter_replaces_every_bn_and_model_helpers_work() -> None:
 
 
 def _official_layer_class():
-    """The official AdaB2N class from a local checkout (never vendored; ALGORITHMS.md header)."""
-    candidate = os.environ.get("ADAB2N_OFFICIAL_SRC", "")  # path to models/utils/adab2n.py
-    if candidate and Path(candidate).is_file():
-        spec = importlib.util.spec_from_file_location("official_adab2n", candidate)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-        return module.AdaB2N
-    pytest.skip("no local checkout of lvyilin/AdaB2N (set ADAB2N_OFFICIAL_SRC)")
+    """The official AdaB2N class from a local checkout (never vendored)."""
+    path = checkout_root("ADAB2N_OFFICIAL_SRC") / "models" / "utils" / "adab2n.py"
+    spec = importlib.util.spec_from_file_location("official_adab2n", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module.AdaB2N
 
 
+@pytest.mark.official
 @pytest.mark.parametrize("kappa", [0.0, 0.4, 1.0])
 def test_matches_official_layer_over_a_task_sequence(kappa: float) -> None:
     official_cls = _official_layer_class()

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import os
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +15,8 @@ from torch import nn
 import tta
 from tta.layers.balanced_bn import BalancedBatchNorm
 from tta.surgery import source_state
+
+from tests.official import checkout_root
 
 from .helpers import batches, small_bn_cnn
 
@@ -133,11 +133,9 @@ def test_num_classes_mismatch_is_a_clear_error() -> None:
 
 # -- differential test against the official code -------------------------------------------------
 def _official_bn_layers():
-    root = os.environ.get("TRIBE_OFFICIAL_SRC", "")  # checkout root of Gorilla-Lab-SCUT/TRIBE
-    pyv = Path(root) / "core" / "utils" / "balanced_bn_pyv.py"
-    layers = Path(root) / "core" / "utils" / "bn_layers.py"
-    if not (root and pyv.is_file() and layers.is_file()):
-        pytest.skip("no local checkout of Gorilla-Lab-SCUT/TRIBE (set TRIBE_OFFICIAL_SRC)")
+    root = checkout_root("TRIBE_OFFICIAL_SRC")
+    pyv = root / "core" / "utils" / "balanced_bn_pyv.py"
+    layers = root / "core" / "utils" / "bn_layers.py"
     spec = importlib.util.spec_from_file_location("balanced_bn", pyv)
     update = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(update)  # type: ignore[union-attr]
@@ -155,6 +153,7 @@ def _official_bn_layers():
     return module
 
 
+@pytest.mark.official
 @pytest.mark.parametrize("eta,gamma", [(0.01, 0.0), (0.25, 0.0), (0.25, 0.3)])
 def test_matches_official_two_pass_step(eta: float, gamma: float) -> None:
     official_layers = _official_bn_layers()

@@ -8,9 +8,7 @@ import copy
 import importlib.util
 import logging
 import math
-import os
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +16,7 @@ from torch import nn
 
 import tta
 from tta.methods.eata import compute_fisher, eata_loss, select_samples, update_probs_average
+from tests.official import checkout_root
 from tests.tta.helpers import small_bn_cnn
 
 
@@ -145,9 +144,7 @@ def test_bad_input_raises() -> None:
 
 # -- the official code ---------------------------------------------------------------------
 def _official() -> tuple[types.ModuleType, ast.For]:
-    root = Path(os.environ.get("EATA_OFFICIAL_SRC") or "/nonexistent")
-    if not (root / "eata.py").is_file():
-        pytest.skip("set EATA_OFFICIAL_SRC to a mr-eggplant/EATA checkout")
+    root = checkout_root("EATA_OFFICIAL_SRC")
     spec = importlib.util.spec_from_file_location("official_eata", root / "eata.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # type: ignore[union-attr]
@@ -170,6 +167,7 @@ def _official_fisher(loop: ast.For, model: nn.Module, params: list[nn.Parameter]
     return namespace["fishers"]
 
 
+@pytest.mark.official
 @pytest.mark.parametrize("with_fisher", [False, True])
 def test_matches_official_eata(with_fisher: bool) -> None:
     official_module, loop = _official()

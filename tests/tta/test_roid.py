@@ -10,7 +10,6 @@ import functools
 import importlib.util
 import logging
 import math
-import os
 import types
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from tta.methods.roid import (
     symmetric_cross_entropy,
     weight_ensemble_,
 )
+from tests.official import checkout_root
 from tests.tta.helpers import small_bn_cnn
 
 
@@ -181,10 +181,8 @@ def _load(path: Path, name: str) -> types.ModuleType:
 
 
 def _official_roid():
-    root = Path(os.environ.get("ROID_OFFICIAL_SRC") or "/nonexistent") / "classification"
-    if not (root / "methods" / "roid.py").is_file():
-        pytest.skip("set ROID_OFFICIAL_SRC to a mariodoebler/test-time-adaptation checkout")
-    torchvision = pytest.importorskip("torchvision")
+    root = checkout_root("ROID_OFFICIAL_SRC") / "classification"
+    import torchvision
     from torch.nn.utils.weight_norm import WeightNorm
 
     dummy = type("ResNetDomainNet126", (nn.Module,), {})
@@ -216,6 +214,7 @@ def _cfg(batch_size: int, consistency: bool) -> types.SimpleNamespace:
     )
 
 
+@pytest.mark.official
 @pytest.mark.parametrize("consistency", [False, True])
 def test_matches_official_roid(consistency: bool) -> None:
     official_cls = _official_roid()

@@ -8,10 +8,8 @@ from __future__ import annotations
 import copy
 import importlib
 import math
-import os
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +18,8 @@ import tta
 from tta.methods import rotta as rotta_module
 from tta.methods.rotta import CategoryBalancedMemory, TeacherStudent, timeliness_weight
 from tta.methods.strong_augment import strong_augment
+
+from tests.official import checkout_root
 
 from .helpers import batches, small_bn_cnn
 
@@ -161,11 +161,7 @@ def test_hparams_route_to_robust_bn_and_compose() -> None:
 
 # -- differential test against the official code -------------------------------------------------
 def _official_rotta_module():
-    root = Path(os.environ.get("ROTTA_OFFICIAL_SRC", "") or "/nonexistent")
-    if not (root / "core" / "adapter" / "rotta.py").is_file():
-        pytest.skip("no local checkout of BIT-DA/RoTTA (set ROTTA_OFFICIAL_SRC)")
-    pytest.importorskip("PIL")
-    pytest.importorskip("torchvision")
+    root = checkout_root("ROTTA_OFFICIAL_SRC")
     prefix = "rotta_official_core"
     # a package over the checkout's core/ that skips its __init__ (which imports the data stack)
     for name, path in ((prefix, "core"), (f"{prefix}.adapter", "core/adapter"), (f"{prefix}.utils", "core/utils")):
@@ -182,6 +178,7 @@ def _official_cfg(memory_size: int, update_frequency: int, num_classes: int) -> 
     return ns(ADAPTER=ns(RoTTA=rotta), CORRUPTION=ns(NUM_CLASS=num_classes), OPTIM=ns(STEPS=1))
 
 
+@pytest.mark.official
 @pytest.mark.parametrize("memory_size,update_frequency,batch_size", [(64, 64, 64), (12, 10, 16)])
 def test_matches_official_rotta(monkeypatch: pytest.MonkeyPatch, memory_size: int, update_frequency: int, batch_size: int) -> None:
     official_module = _official_rotta_module()

@@ -412,21 +412,20 @@ def test_no_host_read_in_tent_bcn_and_statistics_steps(monkeypatch):
 def _official_sar():
     """``sar`` and ``sam`` modules of an mr-eggplant/SAR checkout named by $SAR_OFFICIAL_SRC."""
     import importlib.util
-    import os
-    from pathlib import Path
 
-    root = os.environ.get("SAR_OFFICIAL_SRC")
-    if not root or not (Path(root) / "sar.py").is_file():
-        pytest.skip("set SAR_OFFICIAL_SRC to a mr-eggplant/SAR checkout (sar.py, sam.py)")
+    from tests.official import checkout_root
+
+    root = checkout_root("SAR_OFFICIAL_SRC")
     modules = []
     for name in ("sam", "sar"):
-        spec = importlib.util.spec_from_file_location(f"_official_{name}", Path(root) / f"{name}.py")
+        spec = importlib.util.spec_from_file_location(f"_official_{name}", root / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)  # type: ignore[union-attr]
         modules.append(module)
     return modules
 
 
+@pytest.mark.official
 def test_faithful_mode_matches_the_official_code_through_recoveries(capsys):
     """``faithful=True`` against the official SAR + SAM on a LayerNorm model whose loss average
     falls below 0.2 within a few batches, so the run goes through recoveries (after which the

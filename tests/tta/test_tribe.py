@@ -7,10 +7,8 @@ from __future__ import annotations
 import copy
 import importlib
 import math
-import os
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +16,8 @@ import torch
 import tta
 from tta.methods import tribe as tribe_module
 from tta.methods.tribe import TriNet
+
+from tests.official import checkout_root
 
 from .helpers import batches, small_bn_cnn
 
@@ -32,12 +32,12 @@ def test_teacher_shares_parameters_and_keeps_its_own_statistics() -> None:
     net = adapted.model
     assert isinstance(net, TriNet)
     assert net.teacher[1].weight is net.student[1].weight
-    assert net.anchor[1].weight is not net.student[1].weight and not net.anchor[1].weight.requires_grad
+    assert net.anchor[1].weight is not net.student[1].weight
     x = _images(1)[0]
     torch.testing.assert_close(adapted(x), model(x))  # stored statistics are the source ones at first
     assert not torch.equal(net.teacher[1].local_mean, net.student[1].local_mean)  # clean vs augmented input
     assert not torch.equal(net.student[1].weight, model[1].weight)  # one Adam step
-    assert torch.equal(net.anchor[1].weight, model[1].weight)
+    assert torch.equal(net.anchor[1].weight, model[1].weight) and net.anchor[1].weight.grad is None
     assert not torch.equal(net.anchor[1].local_mean, net.anchor[1].source_mean.expand_as(net.anchor[1].local_mean))
 
 
@@ -78,6 +78,22 @@ def test_loss_is_the_masked_self_training_plus_anchor_term(monkeypatch: pytest.M
     assert seen and math.isclose(seen[0], expected.item(), rel_tol=1e-5)
 
 
+def test_anchor_equals_teacher_bit_for_bit_at_the_first_step() -> None:
+    # Both are the source network with source statistics and see the same input and labels,
+    # so the anchor loss (t - a)^2 and its gradient are exactly zero at the first step, as in
+    # the official code. Computed with two arithmetics (fused no-grad kernels for the anchor),
+    # t - a is rounding noise, whose gradient Adam turns into steps of about lr.
+    outputs: dict[str, torch.Tensor] = {}
+    for seed in range(3):
+        adapted = tta.adapt(small_bn_cnn(seed=seed), "tribe", h0=1.0)
+        for name in ("teacher", "anchor"):  # the last teacher forward is the labelled one
+            getattr(adapted.model, name).register_forward_hook(
+                lambda module, args, out, name=name: outputs.__setitem__(name, out.detach().clone())
+            )
+        adapted(_images(1, seed=seed)[0])
+        assert torch.equal(outputs["teacher"], outputs["anchor"])
+
+
 def test_state_round_trip_and_reset() -> None:
     model = small_bn_cnn()
     xs = _images(4)
@@ -96,10 +112,7 @@ def test_state_round_trip_and_reset() -> None:
 
 # -- differential test against the official code -------------------------------------------------
 def _official_tribe_module():
-    root = Path(os.environ.get("TRIBE_OFFICIAL_SRC", "") or "/nonexistent")
-    if not (root / "core" / "adapter" / "TRIBE.py").is_file():
-        pytest.skip("no local checkout of Gorilla-Lab-SCUT/TRIBE (set TRIBE_OFFICIAL_SRC)")
-    pytest.importorskip("torchvision")
+    root = checkout_root("TRIBE_OFFICIAL_SRC")
     prefix = "tribe_official_core"
     # a package over the checkout's core/ that skips its __init__ (which imports the data stack)
     for name, path in ((prefix, "core"), (f"{prefix}.adapter", "core/adapter"), (f"{prefix}.utils", "core/utils")):
@@ -110,9 +123,17 @@ def _official_tribe_module():
     return importlib.import_module(f"{prefix}.adapter.TRIBE")
 
 
+# The model seed draws the convolutions: before the teacher and anchor shared one arithmetic,
+# float rounding amplified by Adam broke this comparison on 7-9 of 30 seeds (0, 2, 3, 17 among
+# them), and on none after (worst output gap 1.5e-5 over 2 x 30 seeds).
+@pytest.mark.official
+@pytest.mark.parametrize("model_seed", [0, 2, 3, 17])
 @pytest.mark.parametrize("eta,gamma,h0", [(0.01, 0.0, 0.4), (0.25, 0.3, 0.2)])
-def test_matches_official_tribe(monkeypatch: pytest.MonkeyPatch, eta: float, gamma: float, h0: float) -> None:
+def test_matches_official_tribe(
+    monkeypatch: pytest.MonkeyPatch, eta: float, gamma: float, h0: float, model_seed: int
+) -> None:
     official_module = _official_tribe_module()
+    torch.manual_seed(model_seed)
 
     # the official augmentation draws from the global RNGs: both sides get one fixed transform
     def fixed_transform(x: torch.Tensor) -> torch.Tensor:

@@ -121,27 +121,22 @@ class BalancedBatchNorm(AdaptiveNorm):
         # K x C pass is made once (K can be 1,000: these passes, not the forward, dominate).
         # delta_k = m_k sum_n d_n; shrink_k = m_k (S_k - n_k sigma_k^2)
         delta = torch.zeros_like(local_mean, dtype=diff.dtype).index_add(0, index, sample_step * diff)
-        shrink = torch.zeros_like(local_mean, dtype=diff.dtype).index_add(
-            0, index, sample_step * (diff_sq - local_var[index])
-        )
+        weighted_var = sample_step * local_var[index]  # m_k sigma_k^2 of each sample's class
+        shrink = torch.zeros_like(local_mean, dtype=diff.dtype).index_add(0, index, sample_step * diff_sq - weighted_var)
         gamma = self.gamma
         delta_sq = delta.square()
         new_mean = torch.add(local_mean, delta, alpha=1.0 - gamma).view(s, k, c)
         new_var = torch.add(local_var, shrink - delta_sq, alpha=1.0 - gamma).view(s, k, c)
         if gamma:
-            present = (count > 0).to(diff.dtype).view(s, k)
-            num_present = present.sum(1)  # (S,)
-
-            def per_stream_mean(values: torch.Tensor) -> torch.Tensor:
-                # mean over the classes present in each stream's batch (absent rows are zero)
-                return values.view(s, k, *values.shape[1:]).sum(1) / num_present.view(s, *([1] * (values.dim() - 1)))
-
-            new_mean = new_mean + gamma * per_stream_mean(delta)[:, None]
-            # m_k S_k - delta_k^2 = shrink_k + m_k n_k sigma_k^2 - delta_k^2 (zero for absent classes)
-            step_count = step * count  # zero for absent classes
-            gap = per_stream_mean(shrink + step_count[:, None] * local_var - delta_sq)  # (S, C)
-            rate = per_stream_mean(step_count)  # (S,)
-            new_var = new_var + gamma * (gap[:, None] - rate.view(s, 1, 1) * new_var)
+            num_present = (count > 0).to(diff.dtype).view(s, k).sum(1, keepdim=True)  # (S, 1)
+            new_mean = new_mean + gamma * (delta.view(s, k, c).sum(1) / num_present)[:, None]
+            # mean over present k of m_k S_k - delta_k^2, where sum_k m_k S_k = sum_k shrink_k +
+            # sum_n m_k sigma_k^2 adds back the same per-sample products that shrink took away
+            # (so the identity holds to rounding in any precision)
+            stream_weighted_var = torch.zeros(s, c, dtype=diff.dtype, device=x.device).index_add(0, stream, weighted_var)
+            gap = ((shrink - delta_sq).view(s, k, c).sum(1) + stream_weighted_var) / num_present  # (S, C)
+            rate = (step * count).view(s, k).sum(1, keepdim=True) / num_present  # (S, 1): mean_k m_k n_k
+            new_var = new_var + gamma * (gap[:, None] - rate[:, :, None] * new_var)
         global_mean = new_mean.mean(1)
         global_var = new_var.mean(1) + new_mean.var(1)  # unbiased over classes, as the official code
         self.propose_update(local_mean=new_mean, local_var=new_var, global_mean=global_mean, global_var=global_var)

@@ -80,8 +80,8 @@ class TRIBE(Method):
     BatchNorm; hyperparameters ``eta``, ``gamma``, ``num_classes`` go there). Three networks
     (:class:`TriNet`): the student S and the teacher T share their parameters (the affine
     parameters of the normalization layers are trained, everything else is frozen) but keep
-    separate balanced statistics; the anchor A is a frozen copy of the source parameters with
-    its own statistics.
+    separate balanced statistics; the anchor A is a copy of the source parameters with its own
+    statistics, never optimized.
 
     Step on a batch x (official ``forward_and_adapt``):
 
@@ -89,7 +89,7 @@ class TRIBE(Method):
        and the pseudo-labels ``y^ = argmax y``;
     2. labelled forwards (each network's balanced statistics update with ``y^``, then it
        normalizes with the updated ones): ``t = T(x)``, ``s = S(aug(x))`` (strong
-       augmentation, :mod:`tta.methods.strong_augment`), ``a = A(x)`` (no gradient);
+       augmentation, :mod:`tta.methods.strong_augment`), ``a = A(x)`` (detached);
     3. reliable samples ``M = {i : H(softmax t_i) < H_0 ln K}``;
     4. ``L = mean_{i in M} CE(s_i, argmax t_i) + lambda mean_{i in M, c} (t_ic - a_ic)^2``
        (paper Eqs. 10-12: self-training of the student from the teacher's hard labels, and
@@ -101,8 +101,16 @@ class TRIBE(Method):
     empty set is NaN and would turn every parameter into NaN); the model stays in eval mode
     (the layers' ``frozen`` flag selects the official eval behaviour; dropout stays off).
 
-    Cost: four forwards (one without gradient for the prediction, one for the anchor) and
-    one backward through two networks per batch. No host synchronisation.
+    The anchor keeps the student's ``requires_grad`` flags and runs with autograd on (its
+    output detached), so that it takes the same arithmetic as the teacher: at the first step
+    ``t == a`` bit for bit and the anchor term's gradient is exactly 0, as in the official code,
+    where both run the same operators. With the fused inference kernels for the anchor, ``t - a``
+    is rounding noise whose gradient Adam (which divides by its magnitude) turns into a step of
+    about ``lr`` per parameter (docs/DIFFERENTIAL_TESTS.md).
+
+    Cost: four forwards (one without gradient for the prediction; the anchor's, run first,
+    records a graph that is freed at once) and one backward through two networks per batch.
+    No host synchronisation.
     """
 
     name = "tribe"
@@ -124,7 +132,6 @@ class TRIBE(Method):
         teacher = copy.deepcopy(model)
         _tie_parameters(teacher, model)
         anchor = copy.deepcopy(model)
-        anchor.requires_grad_(False)
         hp = self.hparams
         self.optimizer = entropy.build_optimizer(self.params, "adam", hp.lr, beta=hp.beta, weight_decay=hp.weight_decay)
         return TriNet(model, teacher, anchor)
@@ -146,6 +153,10 @@ class TRIBE(Method):
         student_in = x if hp.augment == "none" else strong_augment(x, self.generator, RANGES[hp.augment])
         try:
             with torch.enable_grad():
+                # with autograd, for the teacher's arithmetic; first, so that its graph is freed
+                # before the teacher's and student's exist (the networks share no statistics)
+                _label_layers(model.anchor, labels)
+                anchor_out = model.anchor(x).detach()
                 _label_layers(model.teacher, labels)
                 teacher_out = model.teacher(x)
                 _label_layers(model.student, labels)
@@ -154,9 +165,6 @@ class TRIBE(Method):
                 count = reliable.sum().clamp_min(1)
                 cross = F.cross_entropy(student_out.float(), teacher_out.argmax(1), reduction="none")
                 self_training = torch.where(reliable, cross, 0.0).sum() / count
-                with torch.no_grad():
-                    _label_layers(model.anchor, labels)
-                    anchor_out = model.anchor(x)
                 squared = (teacher_out.float() - anchor_out.float()).square().sum(1)
                 anchor_loss = torch.where(reliable, squared, 0.0).sum() / (count * out.shape[1])
                 loss = self_training + hp.anchor_weight * anchor_loss
