@@ -4,6 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+# The competition harness runs every submission in a bubblewrap sandbox (docs/COMPETITION.md).
+if ! command -v bwrap >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get install -y -q bubblewrap >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q bubblewrap >/dev/null 2>&1; }
+  fi
+  command -v bwrap >/dev/null 2>&1 || echo "warning: bubblewrap (bwrap) is missing: the competition harness will refuse to score (docs/COMPETITION.md)" >&2
+fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PIP=".venv/bin/pip"
 export PIP_DISABLE_PIP_VERSION_CHECK=1

@@ -12,12 +12,11 @@ from typing import Any
 
 from benchmarks.protocol import harness_protocol
 from continual.harness.config import HarnessConfig
+from continual.harness import sandbox
 from continual.harness.records import ResultsStore, track_of
 from continual.harness.scoring import score
 from continual.harness.supervisor import Outcome, run_submission
 from continual.harness.task import CompetitionTask, ScenarioMismatch, build_task
-
-_LOG_TAIL_BYTES = 256 * 1024
 
 
 def _now() -> str:
@@ -66,9 +65,22 @@ def run_competition(
     published ones in the config) before the run and again before scoring; a mismatch is
     recorded as ``invalid_scenario`` and never scored. Submission failures never raise:
     they are recorded with their status and reason.
+
+    Raises:
+        SandboxUnavailable: the operating-system sandbox cannot be built here and the
+            organiser did not pass ``unsafe_no_sandbox`` (nothing is run or recorded).
     """
     config.validate()
-    store = ResultsStore(config.results_dir)
+    isolation: dict[str, Any] = {"sandboxed": False}
+    if not config.unsafe_no_sandbox:
+        problem = sandbox.probe()
+        if problem:
+            raise sandbox.SandboxUnavailable(
+                f"cannot build the submission sandbox: {problem}. Refusing to score; pass unsafe_no_sandbox=true to "
+                "run unprotected (runs are then marked unsandboxed)"
+            )
+        isolation = {"sandboxed": True, **sandbox.describe()}
+    store = ResultsStore(config.results_dir, config.key_file or None)
     run_id = store.new_run_id(config.display_name)
     path = Path(config.submission).expanduser().resolve()
     record: dict[str, Any] = {
@@ -79,9 +91,11 @@ def run_competition(
         "hparams": dict(hparams or {}),
         "started_at": _now(),
         "host": {"python": platform.python_version(), "machine": platform.machine()},
+        "isolation": isolation,
     }
     problem = _check_file(path)
     log = b""
+    log_bytes = 0
     if problem:
         outcome = Outcome(status="invalid_submission", reason=problem)
     else:
@@ -97,10 +111,10 @@ def run_competition(
             record.update(scenario_sha256=task.scenario_sha256, labels_sha256=task.labels_sha256)
             run_config = replace(config, submission=str(path))
             with tempfile.TemporaryDirectory(prefix="cl-harness-") as folder:
-                scratch, log_path = Path(folder) / "scratch", Path(folder) / "submission.log"
-                outcome = run_submission(run_config, task, scratch, log_path, progress=progress, hparams=hparams)
-                raw = log_path.read_bytes() if log_path.exists() else b""
-                log = raw[-_LOG_TAIL_BYTES:]
+                outcome = run_submission(
+                    run_config, task, Path(folder), progress=progress, hparams=hparams, run_id=run_id
+                )
+            log, log_bytes = outcome.log, outcome.log_bytes
     record["track"] = track_of(record["config"], record.get("scenario_sha256", ""))
     metrics = None
     if outcome.status == "ok":
@@ -120,6 +134,9 @@ def run_competition(
         startup_s=round(outcome.startup_s, 3),
         run_s=round(outcome.run_s, 3),
         exit_code=outcome.exit_code,
+        log_bytes=log_bytes,
+        memory_limit_bytes=outcome.memory_limit,
+        task_limit_hits=outcome.task_limit_hits,
         finished_at=_now(),
     )
     protocol = harness_protocol(record)

@@ -38,7 +38,18 @@ class HarnessConfig:
             prediction (imports of the runtime excluded).
         memory_budget_mb: memory the submission may allocate beyond the runtime's baseline.
         startup_timeout_s: how long the runtime (Python, torch, Avalanche) may take to start.
-        threads: CPU threads of the submission process.
+        threads: CPU time of the submission's whole process tree, in CPUs (enforced by the
+            sandbox's CPU quota, whatever the number of threads).
+        max_tasks: processes and threads the submission may have alive at once.
+        scratch_mb: size of the submission's private scratch folder (a tmpfs; its pages also
+            count against the memory budget).
+        unsafe_no_sandbox: run without the operating-system sandbox where it cannot be built
+            (never for a competition: a submission can then read the labels, change records
+            and outlive its run); such runs are marked unsandboxed in their record and on the
+            leaderboard. Without it, the harness refuses to run where the sandbox is missing.
+        key_file: the secret key that signs run records (default: ``.harness-key`` in
+            ``results_dir``, created on first use); records whose signature does not verify
+            are never ranked.
         results_dir: where run records, logs and the leaderboard are written.
         protected_paths: extra paths the submission may not read (datasets, label files).
         scenario_dir: a scenario folder (:mod:`continual.harness.scenario_files`) to run on
@@ -73,6 +84,10 @@ class HarnessConfig:
     memory_budget_mb: int = 2048
     startup_timeout_s: float = 180.0
     threads: int = 1
+    max_tasks: int = 256
+    scratch_mb: int = 512
+    unsafe_no_sandbox: bool = False
+    key_file: str = ""
     results_dir: str = "results/competition"
     protected_paths: list[str] = field(default_factory=list)
     scenario_dir: str = ""
@@ -90,7 +105,7 @@ class HarnessConfig:
             raise ValueError("submission=<file> is required")
         if self.benchmark not in BENCHMARKS:
             raise ValueError(f"benchmark must be one of {BENCHMARKS}, got {self.benchmark!r}")
-        for name in ("num_tasks", "experience_size", "eval_period", "threads", "memory_budget_mb"):
+        for name in ("num_tasks", "experience_size", "eval_period", "threads", "memory_budget_mb", "max_tasks", "scratch_mb"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.time_budget_s <= 0 or self.startup_timeout_s <= 0:
@@ -129,6 +144,10 @@ def _convert(raw: str, annotation: Any, default: Any) -> Any:
     text = str(annotation)
     if raw.lower() in ("none", "null") and "None" in text:
         return None
+    if text == "bool":
+        if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"expected true or false, got {raw!r}")
+        return raw.lower() in ("true", "1", "yes")
     if text.startswith("list"):
         stripped = raw.strip().strip("[]")
         return [item.strip() for item in stripped.split(",") if item.strip()]

@@ -1,26 +1,31 @@
 """The submission process: sets its limits, loads the submission and answers the harness.
 
-Started by :mod:`continual.harness.supervisor` as a fresh interpreter (never a fork of the
-harness, which holds the test labels). Sequence:
+Started by :mod:`continual.harness.supervisor` as a fresh interpreter inside the
+operating-system sandbox (:mod:`continual.harness.sandbox`; never a fork of the harness,
+which holds the test labels). Every harness message is a request answered by one reply
+(:mod:`continual.harness.wire`):
 
-1. receive the setup (budgets, allowed paths, context) from the harness;
-2. import the runtime (torch, Avalanche), cap the address space at the current size plus the
-   memory budget, install the :mod:`~continual.harness.sandbox` policy, report ``ready``;
-3. receive the test images (shuffled, no labels), load the submission, call its factory;
-4. for every ``train`` message build an Avalanche online experience, call
-   ``strategy.train(experience)`` and acknowledge; for every ``predict`` message return the
-   scores of all test images;
-5. report ``done``, or ``error`` with its kind (``memory``, ``invalid_submission``,
-   ``invalid_predictions``, ``crash``) and traceback.
+1. ``setup`` (budgets, allowed paths, context): import the runtime (torch, Avalanche),
+   install the :mod:`~continual.harness.audit` policy (defence in depth), reply ``ready``;
+2. ``test_images`` (shuffled, no labels): load the submission, call its factory, reply
+   ``loaded``;
+3. ``train``: build an Avalanche online experience, call ``strategy.train(experience)``,
+   reply ``trained``; ``predict``: reply ``predictions`` with the scores of all test images;
+4. ``end``: reply ``done``. A failure replies ``error`` with its kind (``memory``,
+   ``invalid_submission``, ``invalid_predictions``, ``crash``) and traceback.
+
+Nothing in this process is trusted by the harness: a submission can rewrite all of it. The
+harness checks every reply, and takes the memory verdict from the kernel's accounting first.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import resource
+import socket
 import sys
 import traceback
-from multiprocessing.connection import Connection
 from types import ModuleType
 from typing import Any
 
@@ -39,12 +44,8 @@ class InvalidPredictions(RuntimeError):
     """``predict`` returned something that is not a score array."""
 
 
-def _limit_memory(budget_mb: int) -> None:
-    import psutil
-
-    baseline = psutil.Process().memory_info().vms
-    limit = baseline + budget_mb * 1024**2
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+def _limit_files() -> None:
+    # Memory, tasks and CPU are bounded for the whole tree by the sandbox's control groups.
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     resource.setrlimit(resource.RLIMIT_FSIZE, (_FILE_SIZE_LIMIT, _FILE_SIZE_LIMIT))
 
@@ -111,9 +112,9 @@ def _experience(images: np.ndarray, labels: np.ndarray, header: dict[str, Any], 
     return experience
 
 
-def serve(conn: Connection) -> None:
-    """Run the protocol on ``conn`` until ``end`` (raises on submission errors)."""
-    setup, _ = wire.receive(conn)
+def serve(channel: wire.SubmissionChannel) -> None:
+    """Answer the harness's requests until ``end`` (raises on submission errors)."""
+    setup, _ = _expect(channel, "setup")
     import torch
 
     torch.set_num_threads(int(setup["threads"]))
@@ -126,16 +127,14 @@ def serve(conn: Connection) -> None:
     import continual.plugin  # noqa: F401
     import continual.replay  # noqa: F401
     import continual.scenarios  # noqa: F401
+    from continual.harness.audit import Policy
     from continual.harness.contract import SubmissionContext
-    from continual.harness.sandbox import Policy
 
-    _limit_memory(int(setup["memory_budget_mb"]))
+    _limit_files()
     Policy(setup["scratch"], setup["readable"], setup["protected"]).install()
-    wire.send(conn, {"type": "ready"})
+    channel.reply({"type": "ready"})
 
-    header, arrays = wire.receive(conn)
-    if header["type"] != "test_images":
-        raise wire.ProtocolError(f"expected test_images, got {header['type']}")
+    _, arrays = _expect(channel, "test_images")
     test_images = torch.from_numpy(arrays["images"].copy()).permute(0, 3, 1, 2).float().div_(255.0)
     submission = _load_submission(setup["submission"])
     context = SubmissionContext(**{**setup["context"], "input_shape": tuple(setup["context"]["input_shape"])})
@@ -145,30 +144,49 @@ def serve(conn: Connection) -> None:
     if not callable(getattr(strategy, "train", None)):
         raise InvalidSubmission("make_strategy must return an Avalanche strategy (with a train method)")
     predict = getattr(submission, "predict", _default_predict)
+    channel.reply({"type": "loaded"})
 
     from avalanche.benchmarks.scenarios.generic_scenario import CLStream
 
     stream = CLStream(name="train", exps_iter=iter(()), set_stream_info=False)
     segment = 0
     while True:
-        header, arrays = wire.receive(conn)
+        header, arrays = channel.receive()
         kind = header["type"]
         if kind == "train":
             strategy.train(_experience(arrays["images"], arrays["labels"], header, segment, stream))
             segment += 1
-            wire.send(conn, {"type": "trained"})
+            channel.reply({"type": "trained"})
         elif kind == "predict":
             scores = _as_scores(predict(strategy, test_images))
-            wire.send(conn, {"type": "predictions", "index": header["index"]}, scores=scores)
+            channel.reply({"type": "predictions", "index": header["index"]}, scores=scores)
         elif kind == "end":
-            wire.send(conn, {"type": "done"})
+            channel.reply({"type": "done"})
             return
         else:
-            raise wire.ProtocolError(f"unexpected message {kind!r}")
+            raise wire.ProtocolError(f"unexpected request {kind!r}")
+
+
+def _expect(channel: wire.SubmissionChannel, kind: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    header, arrays = channel.receive()
+    if header["type"] != kind:
+        raise wire.ProtocolError(f"expected {kind}, got {header['type']}")
+    return header, arrays
+
+
+def _out_of_memory(error: BaseException | None) -> bool:
+    """Whether a refused allocation caused ``error`` (by exception type, along its chain)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, MemoryError) or (isinstance(error, OSError) and error.errno == errno.ENOMEM):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _error_kind(error: BaseException) -> str:
-    if isinstance(error, MemoryError) or "can't allocate memory" in str(error) or "DefaultCPUAllocator" in str(error):
+    if _out_of_memory(error):
         return "memory"
     if isinstance(error, InvalidSubmission):
         return "invalid_submission"
@@ -179,18 +197,18 @@ def _error_kind(error: BaseException) -> str:
 
 def main(fd: int) -> None:
     """Entry point of the submission process; ``fd`` is its end of the harness socket."""
-    conn = Connection(fd)
+    channel = wire.SubmissionChannel(socket.socket(fileno=fd))
     try:
-        serve(conn)
+        serve(channel)
     except BaseException as error:  # report everything, including SystemExit from the submission
         detail = "".join(traceback.format_exception(error))[-8000:]
         print(detail, file=sys.stderr, flush=True)
         try:
-            wire.send(conn, {"type": "error", "kind": _error_kind(error), "message": f"{type(error).__name__}: {error}"[:2000],
-                             "traceback": detail})
-        except Exception:  # the harness may be gone; the exit status still tells
+            channel.reply({"type": "error", "kind": _error_kind(error), "message": f"{type(error).__name__}: {error}"[:2000],
+                           "traceback": detail})
+        except Exception:  # the harness may be gone, or no request was read; the exit status still tells
             pass
         sys.stdout.flush()
         sys.stderr.flush()
         raise SystemExit(1) from None
-    conn.close()
+    channel.sock.close()

@@ -1,11 +1,17 @@
-"""Run a submission in its own process under a wall-time and memory budget.
+"""Run a submission in its sandbox under a wall-time and memory budget.
 
 The harness talks to the submission process over a socket (:mod:`continual.harness.wire`):
-it sends one training experience at a time and waits for the acknowledgement before the
-next one (so the stream cannot be read ahead), asks for predictions at every evaluation
-point and validates them as they arrive. A watchdog thread kills the submission's process
-group when the startup timeout or the time budget runs out, or when its resident memory
-grows past the budget (the submission also runs under an address-space ``setrlimit``).
+every message is a request answered by one checked reply, one training experience at a
+time (so the stream cannot be read ahead), then predictions at every evaluation point,
+validated as they arrive. A watchdog thread kills the sandbox when the startup timeout or the
+time budget runs out, or when the kernel reports that the tree hit its memory limit. The
+submission's output is read through a pipe into a bounded tail (:class:`LogTail`), so no
+amount of output reaches the harness's memory or disk.
+
+The verdict is taken by cause: ``over_memory_budget`` when the sandbox's control group
+counted an out-of-memory kill (or the submission failed on a refused allocation), whatever
+error text came with it; ``protocol_error`` for any message the decoder refuses; the
+submission's own report otherwise. The function never raises for what a submission does.
 """
 
 from __future__ import annotations
@@ -17,16 +23,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 from tqdm import tqdm
 
 from continual.harness import wire
+from continual.harness.audit import default_protected_paths, default_readable_paths
 from continual.harness.config import HarnessConfig
-from continual.harness.sandbox import default_protected_paths, default_readable_paths
+from continual.harness.sandbox import SCRATCH, Sandbox, SandboxLimits, Unsandboxed, default_layout
 from continual.harness.task import CompetitionTask, Segment
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -34,11 +42,16 @@ _BOOTSTRAP = (
     "import sys; sys.path.insert(0, {root!r}); "
     "from continual.harness.runner import main; main(int(sys.argv[1]))"
 )
+#: memory the runtime (Python, torch, Avalanche) may take while it starts, before the budget
+#: is set on top of what it then uses
+RUNTIME_ALLOWANCE = 3 * 1024**3
+#: bytes of the submission's output kept for its log (the rest is counted, not stored)
+LOG_TAIL_BYTES = 256 * 1024
 
 #: statuses of a run; only "ok" runs are ranked.
 STATUSES = (
-    "ok", "timeout", "over_memory_budget", "crashed", "invalid_submission", "invalid_predictions", "startup_failed",
-    "invalid_scenario", "tuning_failed",
+    "ok", "timeout", "over_memory_budget", "crashed", "protocol_error", "invalid_submission", "invalid_predictions",
+    "startup_failed", "invalid_scenario", "tuning_failed", "harness_error",
 )
 
 
@@ -52,6 +65,13 @@ class Outcome:
     startup_s: float = 0.0
     run_s: float = 0.0
     exit_code: int | None = None
+    #: the last :data:`LOG_TAIL_BYTES` of the submission's output, and how much it wrote
+    log: bytes = b""
+    log_bytes: int = 0
+    #: the memory limit of the run (runtime footprint + budget), bytes
+    memory_limit: int | None = None
+    #: how many process or thread creations the task limit refused
+    task_limit_hits: int = 0
 
 
 class _Stop(Exception):
@@ -60,16 +80,45 @@ class _Stop(Exception):
         self.status, self.reason = status, reason
 
 
-class Watchdog(threading.Thread):
-    """Kills the submission's process group at the deadline or past the memory limit."""
+class LogTail(threading.Thread):
+    """Drains a pipe, keeping only its last ``limit`` bytes (and counting the rest)."""
 
-    def __init__(self, process: subprocess.Popen, memory_budget_mb: int) -> None:
+    def __init__(self, stream: IO[bytes], limit: int = LOG_TAIL_BYTES) -> None:
         super().__init__(daemon=True)
-        self.process = process
-        self.memory_budget = memory_budget_mb * 1024**2
+        self.stream = stream
+        self.limit = limit
+        self.chunks: deque[bytes] = deque()
+        self.kept = 0
+        self.total = 0
+
+    def run(self) -> None:
+        read = getattr(self.stream, "read1", self.stream.read)
+        while True:
+            try:
+                chunk = read(65536)
+            except (OSError, ValueError):
+                return
+            if not chunk:
+                return
+            self.total += len(chunk)
+            self.chunks.append(chunk)
+            self.kept += len(chunk)
+            while self.kept - len(self.chunks[0]) >= self.limit:
+                self.kept -= len(self.chunks.popleft())
+
+    def text(self) -> bytes:
+        return b"".join(self.chunks)[-self.limit :]
+
+
+class Watchdog(threading.Thread):
+    """Kills the sandbox at the deadline or when it went over its memory limit."""
+
+    def __init__(self, kill: Any, isolation: Sandbox | Unsandboxed) -> None:
+        super().__init__(daemon=True)
+        self._kill = kill
+        self.isolation = isolation
         self.deadline = float("inf")
         self.phase = "startup"
-        self.baseline_rss: int | None = None
         self.verdict: tuple[str, str] | None = None
         self._stopped = threading.Event()
 
@@ -77,66 +126,52 @@ class Watchdog(threading.Thread):
         self.deadline = time.monotonic() + seconds
         self.phase = phase
 
-    def start_memory_accounting(self) -> None:
-        self.baseline_rss = self._rss()
-
-    def _rss(self) -> int:
-        import psutil
-
-        try:
-            root = psutil.Process(self.process.pid)
-            return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
-        except psutil.Error:
-            return 0
-
     def kill(self, status: str, reason: str) -> None:
         if self.verdict is None:
             self.verdict = (status, reason)
-        kill_process_group(self.process)
+        self._kill()
 
     def run(self) -> None:
         while not self._stopped.wait(0.1):
-            if self.process.poll() is not None:
-                return
             if time.monotonic() > self.deadline:
                 if self.phase == "startup":
                     self.kill("startup_failed", "the runtime did not start within the startup timeout")
                 else:
                     self.kill("timeout", "the submission exceeded its time budget")
                 return
-            if self.baseline_rss is not None:
-                grown = self._rss() - self.baseline_rss
-                if grown > self.memory_budget:
-                    self.kill(
-                        "over_memory_budget",
-                        f"resident memory grew by {grown / 1024**2:.0f} MB, budget {self.memory_budget / 1024**2:.0f} MB",
-                    )
-                    return
+            try:
+                over = self.isolation.memory_verdict()
+            except OSError:
+                over = ""
+            if over:
+                self.kill("over_memory_budget", over)
+                return
 
     def stop(self) -> None:
         self._stopped.set()
 
 
-def kill_process_group(process: subprocess.Popen) -> None:
-    """SIGKILL the process group the harness created for this submission (and only it)."""
+def _kill_session(process: subprocess.Popen) -> None:
+    """SIGKILL the session the harness created for this run (and only it)."""
     try:
         os.killpg(process.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
 
 
-def _environment(config: HarnessConfig, scratch: Path) -> dict[str, str]:
-    # A clean environment (the interpreter runs with -I, which also ignores PYTHON* variables):
-    # nothing of the harness's environment leaks into the submission.
+def _environment(config: HarnessConfig, scratch: str) -> dict[str, str]:
+    # A clean environment (the interpreter also runs with -I): nothing of the harness's
+    # environment reaches the submission.
     threads = str(config.threads)
     return {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(scratch),
-        "TMPDIR": str(scratch),
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": scratch,
+        "TMPDIR": scratch,
         "LANG": "C.UTF-8",
         "OMP_NUM_THREADS": threads,
         "MKL_NUM_THREADS": threads,
         "HF_HUB_OFFLINE": "1",
+        "MPLCONFIGDIR": scratch,
     }
 
 
@@ -149,120 +184,127 @@ def _reported_error(header: dict) -> _Stop:
     return _Stop(status, str(header.get("message", "the submission failed"))[:2000])
 
 
-def _last_report(conn: Connection) -> _Stop | None:
-    """The error the submission reported just before it ended, if it is still unread.
-
-    The submission process sends its ``error`` message and exits at once. If the harness is
-    still sending when that happens (e.g. the next training experience), the send fails on
-    the closed socket (EPIPE) although the report already sits in our receive buffer; whether
-    the send comes before or after the exit depends only on scheduling. Reading the buffer
-    here makes the verdict the submission's report either way.
-    """
-    try:
-        while conn.poll(0):
-            header, _ = wire.receive(conn)
-            if header.get("type") == "error":
-                return _reported_error(header)
-    except (EOFError, OSError, wire.ProtocolError):
-        pass
-    return None
+def _ask(channel: wire.HarnessChannel, header: dict, reply: str, **kwargs: Any) -> tuple[dict, dict]:
+    received, arrays = channel.request(header, reply, **kwargs)
+    if received["type"] == "error":
+        raise _reported_error(received)
+    return received, arrays
 
 
-def _expect(conn: Connection, kind: str, max_bytes: int = wire.MAX_HEADER_BYTES):
-    header, arrays = wire.receive(conn, max_bytes)
-    if header["type"] == "error":
-        raise _reported_error(header)
-    if header["type"] != kind:
-        raise _Stop("crashed", f"protocol violation: expected {kind!r}, got {header['type']!r}")
-    return header, arrays
-
-
-def validate_scores(header: dict, arrays: dict[str, np.ndarray], index: int, shape: tuple[int, int]) -> np.ndarray:
-    """The score array of a ``predictions`` message, or :class:`_Stop` ("invalid_predictions")."""
-    if header.get("index") != index:
-        raise _Stop("invalid_predictions", f"predictions for evaluation {header.get('index')}, expected {index}")
-    scores = arrays.get("scores")
-    if scores is None or scores.dtype != np.float32:
-        raise _Stop("invalid_predictions", "predictions must be a float32 score array")
-    if scores.shape != shape:
-        raise _Stop("invalid_predictions", f"predictions have shape {scores.shape}, expected {shape}")
+def _scores(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    scores = arrays["scores"]
     if not np.isfinite(scores).all():
         raise _Stop("invalid_predictions", "predictions contain NaN or infinite scores")
-    return scores
+    return scores.copy()
 
 
 def run_submission(
-    config: HarnessConfig, task: CompetitionTask, scratch: Path, log_path: Path, progress: bool = True,
-    hparams: dict | None = None,
+    config: HarnessConfig, task: CompetitionTask, workdir: Path, progress: bool = True,
+    hparams: dict | None = None, run_id: str = "run",
 ) -> Outcome:
-    """Run ``config.submission`` on ``task`` in a sandboxed process; never raises for
-    submission failures (they become the outcome's status). ``hparams`` (JSON values) reach
-    the submission as ``context.hparams``."""
+    """Run ``config.submission`` on ``task`` in its sandbox; never raises for what the
+    submission does (it becomes the outcome's status). ``workdir``: a private host folder
+    for the submission's copy (and, unsandboxed only, its scratch). ``hparams`` (JSON values)
+    reach the submission as ``context.hparams``.
+
+    Raises:
+        SandboxUnavailable: the sandbox cannot be built (``unsafe_no_sandbox`` not set).
+    """
     segments: list[Segment] = task.segments(config.experience_size, config.eval_period)
-    scratch.mkdir(parents=True, exist_ok=True)
-    submission_copy = scratch / "submission.py"
+    workdir.mkdir(parents=True, exist_ok=True)
+    submission_copy = workdir / "submission.py"
     submission_copy.write_bytes(Path(config.submission).read_bytes())
-    parent_sock, child_sock = socket.socketpair()
-    outcome = Outcome(status="crashed")
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-I", "-B", "-c", _BOOTSTRAP.format(root=str(PROJECT_ROOT)), str(child_sock.fileno())],
-            pass_fds=(child_sock.fileno(),), cwd=scratch, env=_environment(config, scratch),
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    startup_limit = config.memory_budget_mb * 1024**2 + RUNTIME_ALLOWANCE
+    isolation: Sandbox | Unsandboxed
+    if config.unsafe_no_sandbox:
+        scratch = str(workdir / "scratch")
+        Path(scratch).mkdir(exist_ok=True)
+        isolation = Unsandboxed(submission_copy, scratch, _environment(config, scratch), startup_limit)
+    else:
+        scratch = SCRATCH
+        limits = SandboxLimits(
+            memory_bytes=startup_limit, max_tasks=config.max_tasks, cpus=config.threads,
+            scratch_bytes=config.scratch_mb * 1024**2,
         )
-    child_sock.close()
-    conn = Connection(parent_sock.detach())
-    watchdog = Watchdog(process, config.memory_budget_mb)
+        layout = default_layout(PROJECT_ROOT, [config.results_dir, *config.protected_paths])
+        isolation = Sandbox(run_id, limits, layout, submission_copy, _environment(config, scratch))
+    parent_sock, child_sock = socket.socketpair()
+    outcome = Outcome(status="crashed", memory_limit=startup_limit)
+    argv = [sys.executable, "-I", "-B", "-c", _BOOTSTRAP.format(root=str(PROJECT_ROOT)), str(child_sock.fileno())]
+    try:
+        process = subprocess.Popen(
+            isolation.command(argv), pass_fds=(child_sock.fileno(),), cwd=scratch if config.unsafe_no_sandbox else "/",
+            env=isolation.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    except BaseException:
+        isolation.close()
+        parent_sock.close()
+        raise
+    finally:
+        child_sock.close()
+    if isinstance(isolation, Unsandboxed):
+        isolation.pid = process.pid
+    tail = LogTail(process.stdout)  # type: ignore[arg-type]
+    tail.start()
+
+    def kill() -> None:
+        _kill_session(process)
+        if isinstance(isolation, Sandbox):
+            isolation.group.kill_all(timeout=2.0)
+
+    watchdog = Watchdog(kill, isolation)
     watchdog.arm(config.startup_timeout_s, "startup")
     watchdog.start()
+    channel = wire.HarnessChannel(parent_sock)
     started = time.monotonic()
     run_started = None
     try:
         num_test = len(task.test_images)
-        score_bytes = num_test * task.num_classes * 4
-        wire.send(conn, {
+        _ask(channel, {
             "type": "setup",
             "threads": config.threads,
             "memory_budget_mb": config.memory_budget_mb,
-            "scratch": str(scratch),
-            "submission": str(submission_copy),
-            "readable": default_readable_paths(PROJECT_ROOT),
+            "scratch": scratch,
+            "submission": isolation.submission_path,
+            "readable": [*default_readable_paths(PROJECT_ROOT), str(Path(isolation.submission_path).parent)],
             "protected": default_protected_paths(Path(config.results_dir).resolve(), config.protected_paths),
             "context": {
                 "num_classes": task.num_classes, "num_tasks": task.num_tasks,
                 "input_shape": [int(task.train_images.shape[3]), *map(int, task.train_images.shape[1:3])],
                 "experience_size": config.experience_size, "seed": config.seed, "device": "cpu",
-                "threads": config.threads, "scratch_dir": str(scratch), "time_budget_s": config.time_budget_s,
+                "threads": config.threads, "scratch_dir": scratch, "time_budget_s": config.time_budget_s,
                 "memory_budget_mb": config.memory_budget_mb, "hparams": dict(hparams or {}),
             },
-        })
-        _expect(conn, "ready")
+        }, "ready")
         run_started = time.monotonic()
         outcome.startup_s = run_started - started
+        # The budget counts from what the runtime uses now (imports, page cache).
+        outcome.memory_limit = isolation.memory_usage() + config.memory_budget_mb * 1024**2
+        isolation.set_memory_limit(outcome.memory_limit)
         watchdog.arm(config.time_budget_s, "run")
-        watchdog.start_memory_accounting()
-        wire.send(conn, {"type": "test_images"}, images=task.test_images)
+        _ask(channel, {"type": "test_images"}, "loaded", images=task.test_images)
         evaluation = 0
         # A bar on a terminal; in logs (stderr redirected) one line per evaluation point.
         bar = progress and sys.stderr.isatty()
         num_evaluations = sum(segment.evaluates for segment in segments)
+        expected_scores = (wire.ArraySpec("scores", "float32", (num_test, task.num_classes)),)
         for segment in tqdm(segments, desc=f"{config.display_name}", unit="exp", disable=not bar, leave=False):
-            wire.send(
-                conn,
+            _ask(
+                channel,
                 {"type": "train", "task": segment.task, "first": segment.first_in_task, "last": segment.last_in_task},
+                "trained",
                 images=task.train_images[segment.start : segment.end],
                 labels=task.train_labels[segment.start : segment.end],
             )
-            _expect(conn, "trained")
             if segment.evaluates:
-                wire.send(conn, {"type": "predict", "index": evaluation})
                 try:
-                    header, arrays = _expect(conn, "predictions", max_bytes=score_bytes)
-                except wire.ProtocolError as error:  # e.g. more scores than the test set has
+                    header, arrays = _ask(channel, {"type": "predict", "index": evaluation}, "predictions", expect=expected_scores)
+                except wire.WrongArray as error:
                     raise _Stop("invalid_predictions", str(error)) from error
-                outcome.predictions[evaluation] = validate_scores(
-                    header, arrays, evaluation, (num_test, task.num_classes)
-                ).copy()
+                if header.get("index") != evaluation:
+                    raise _Stop("invalid_predictions", f"predictions for evaluation {header.get('index')}, expected {evaluation}")
+                outcome.predictions[evaluation] = _scores(arrays)
                 evaluation += 1
                 if progress and not bar:
                     print(
@@ -270,38 +312,52 @@ def run_submission(
                         f"training samples ({time.monotonic() - run_started:.1f} s)",
                         file=sys.stderr, flush=True,
                     )
-        wire.send(conn, {"type": "end"})
-        _expect(conn, "done")
+        _ask(channel, {"type": "end"}, "done")
         outcome.status, outcome.reason = "ok", ""
     except _Stop as stop:
         outcome.status, outcome.reason = stop.status, stop.reason
     except wire.ProtocolError as error:
-        outcome.status, outcome.reason = "crashed", f"protocol violation: {error}"
+        outcome.status, outcome.reason = "protocol_error", str(error)[:2000]
     except (EOFError, OSError) as error:
-        report = _last_report(conn)
-        if report is not None:
-            outcome.status, outcome.reason = report.status, report.reason
-        else:
-            outcome.status = "crashed"
-            outcome.reason = f"the submission process ended unexpectedly ({type(error).__name__})"
+        outcome.status = "crashed"
+        outcome.reason = f"the submission process ended unexpectedly ({type(error).__name__})"
+    except Exception as error:  # a harness bug must still leave a record
+        outcome.status, outcome.reason = "harness_error", f"{type(error).__name__}: {error}"[:2000]
     finally:
         watchdog.stop()
         if run_started is not None:
             outcome.run_s = time.monotonic() - run_started
-        # Closing our end first ends a process that still waits for messages (failed runs).
-        conn.close()
+        parent_sock.close()  # ends a process that still waits for a request (failed runs)
         try:
             process.wait(timeout=5)
         except subprocess.TimeoutExpired:
-            kill_process_group(process)
+            kill()
             process.wait()
-        kill_process_group(process)  # stray members of its group, if any
+        try:
+            memory = isolation.memory_verdict()
+        except OSError:
+            memory = ""
+        if isinstance(isolation, Sandbox):
+            try:
+                outcome.task_limit_hits = isolation.group.task_limit_hits()
+            except OSError:
+                pass
+        kill()  # stray members of the session or the sandbox, if any
+        isolation.close()
+        tail.join(timeout=10)
+        outcome.log, outcome.log_bytes = tail.text(), tail.total
     if watchdog.verdict is not None:  # the watchdog's reason beats the broken pipe it caused
         outcome.status, outcome.reason = watchdog.verdict
-        outcome.predictions = {}
-    elif outcome.status == "crashed" and process.returncode not in (0, None) and not outcome.reason.startswith("protocol"):
-        outcome.reason = (outcome.reason or "crashed") + f"; exit status {process.returncode}"
+    elif memory and outcome.status != "ok":  # by cause: the kernel stopped it at the limit
+        outcome.status, outcome.reason = "over_memory_budget", memory
     if outcome.status != "ok":
         outcome.predictions = {}
     outcome.exit_code = process.returncode
+    if isinstance(isolation, Sandbox) and process.returncode is not None and process.returncode > 128:
+        outcome.exit_code = 128 - process.returncode  # bwrap's 128 + N: killed by signal N, as Popen says it
+    if outcome.status == "crashed" and outcome.exit_code not in (0, None):
+        try:
+            outcome.reason += f" (killed by {signal.Signals(-outcome.exit_code).name})"
+        except ValueError:
+            outcome.reason += f"; exit status {outcome.exit_code}"
     return outcome

@@ -43,7 +43,7 @@ def tuning_config(config: HarnessConfig) -> HarnessConfig:
 
 
 def _failed(config: HarnessConfig, status: str, reason: str, tuning: dict[str, Any]) -> dict[str, Any]:
-    store = ResultsStore(config.results_dir)
+    store = ResultsStore(config.results_dir, config.key_file or None)
     run_id = store.new_run_id(config.display_name)
     record = {
         "run_id": run_id, "name": config.display_name, "submission": config.submission, "config": asdict(config),
@@ -83,7 +83,7 @@ def run_two_phase(config: HarnessConfig, progress: bool = True) -> dict[str, Any
         return _failed(config, "invalid_scenario", "the tuning and evaluation scenarios are the same data", tuning)
     tuning["scenario_sha256"] = tuning_task.scenario_sha256
 
-    store = ResultsStore(config.results_dir)
+    store = ResultsStore(config.results_dir, config.key_file or None)
     trials: list[dict[str, Any]] = []
     started = time.monotonic()
     for number, hparams in enumerate(points):

@@ -115,10 +115,8 @@ def test_evaluation_labels_are_never_exposed(config, tmp_path) -> None:
         for attempt, outcome in report.items():
             if attempt == "files in working folder":
                 assert "label" not in outcome
-            elif attempt == "scan memory for labels":
-                assert outcome == "blocked: LookupError"
-            else:
-                assert outcome == "blocked: SandboxViolation", f"{attempt}: {outcome}"
+            else:  # refused by the sandbox or the audit policy, or simply not there
+                assert outcome.startswith("blocked: "), f"{attempt}: {outcome}"
     assert record["metrics"]["A_last"] < 0.5
 
 
