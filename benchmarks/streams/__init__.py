@@ -20,6 +20,7 @@ from benchmarks.streams.config import (
     split_by_domain,
 )
 from benchmarks.streams.label_order import (
+    class_temporal_order,
     dirichlet_chunks,
     dirichlet_order,
     iid_order,
@@ -56,6 +57,7 @@ __all__ = [
     "build_domain_streams",
     "build_segments",
     "build_stream",
+    "class_temporal_order",
     "dirichlet_chunks",
     "dirichlet_order",
     "from_setting",

@@ -21,7 +21,7 @@ STANDARD_DOMAINS: tuple[str, ...] = CORRUPTIONS
 CLEAN_DOMAINS: frozenset[str] = frozenset({"clean", "none"})
 
 SCHEDULES: tuple[str, ...] = ("reset_each_shift", "continual", "mixed", "gradual")
-LABEL_ORDERS: tuple[str, ...] = ("iid", "sorted", "dirichlet")
+LABEL_ORDERS: tuple[str, ...] = ("iid", "sorted", "dirichlet", "class_temporal")
 SOURCES: tuple[str, ...] = ("generate", "files")
 
 # The severity ramp of the gradual setting, used when a single severity is configured (§9.3).
@@ -46,9 +46,13 @@ class StreamConfig:
         severities: severities 1..5; each domain is visited once per severity (§9.3).
         schedule: ``"reset_each_shift"``, ``"continual"``, ``"mixed"`` (alias
             ``"mixed_domains"``) or ``"gradual"`` (§9.3).
-        label_order: ``"iid"`` (seeded shuffle), ``"sorted"`` (by class, stable) or
-            ``"dirichlet"`` (§9.2; ``delta == 0`` means sorted, as in the mariodoebler code).
-        delta: Dirichlet concentration δ for ``label_order="dirichlet"``.
+        label_order: ``"iid"`` (seeded shuffle), ``"sorted"`` (by class, stable),
+            ``"dirichlet"`` (§9.2; ``delta == 0`` means sorted, as in the mariodoebler code) or
+            ``"class_temporal"`` (RoTTA's and PeTTA's sampler,
+            :func:`benchmarks.streams.label_order.class_temporal_order`; a fresh draw for
+            every segment).
+        delta: Dirichlet concentration δ for ``label_order="dirichlet"`` (γ for
+            ``"class_temporal"``; RoTTA and PeTTA use 0.1).
         seeding: how ``seed`` becomes a sample order. ``"library"`` (default): one
             ``np.random.default_rng(seed)`` per segment. ``"official"``: the order
             mariodoebler's test loader gives for the same seed (Python ``random.shuffle``,
@@ -69,6 +73,11 @@ class StreamConfig:
             (as RobustBench's CIFAR-C loader); ``None`` uses the whole split.
         replays: how many times each domain's split is presented; every replay is a fresh
             corruption draw (different sample ids), so ``replays`` lengthens a small stream.
+        recurrences: how many times the whole schedule is visited (PeTTA's recurring
+            protocol, 20 visits). Every visit shows the same images (the same corruption draws,
+            as the recurring benchmarks reread the same files) in a new order: the first visit
+            is the stream of ``recurrences=1``, later ones draw their order from ``(seed,
+            recurrence)``. Results then report an error per recurrence.
         seed: run seed of the sample order (every domain is shuffled with it afresh, so all
             domains present the same image order, as in the official loaders, §9.3).
         corruption_seed: seed of the on-the-fly corruption randomness. It is separate from
@@ -98,6 +107,7 @@ class StreamConfig:
     batch_size: int = 64
     n_examples: int | None = None
     replays: int = 1
+    recurrences: int = 1
     seed: int = 1
     corruption_seed: int = 0
     quantize: bool = False
@@ -140,6 +150,10 @@ class StreamConfig:
             raise ValueError(f"n_examples must be >= 1 or None, got {self.n_examples}")
         if self.replays < 1:
             raise ValueError(f"replays must be >= 1, got {self.replays}")
+        if self.recurrences < 1:
+            raise ValueError(f"recurrences must be >= 1, got {self.recurrences}")
+        if self.label_order == "class_temporal" and (self.delta <= 0 or self.seeding != "library"):
+            raise ValueError("the class_temporal order needs delta > 0 and seeding='library'")
         if self.dirichlet_min_chunk < 0 or self.dirichlet_timeout_s <= 0:
             raise ValueError("dirichlet_min_chunk must be >= 0 and dirichlet_timeout_s > 0")
 

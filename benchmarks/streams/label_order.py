@@ -11,7 +11,8 @@ the official code after ``np.random.seed(seed)``; the library itself uses a seed
 ``np.random.Generator`` by default. :func:`official_order` rebuilds the exact order the
 official loader gives for a run seed (its Python ``random`` shuffle, then the global NumPy
 generator), and :func:`segment_order` adds TRIBE's global class imbalance (a long-tailed
-subsample) under any of these label orders.
+subsample) under any of these label orders. :func:`class_temporal_order` is the other
+Dirichlet sampler of the literature, RoTTA's and PeTTA's "class_temporal" one (docs/STREAMS.md).
 """
 
 from __future__ import annotations
@@ -133,6 +134,39 @@ def dirichlet_order(
     return np.concatenate(emitted).astype(np.int64) if emitted else np.zeros(0, dtype=np.int64)
 
 
+def class_temporal_order(
+    labels: np.ndarray, num_classes: int, gamma: float, rng: RandomSource, num_slots: int | None = None
+) -> np.ndarray:
+    """RoTTA's and PeTTA's temporally correlated label order (the "class_temporal" sampler,
+    ``LabelDirichletDomainSequence`` of BIT-DA/RoTTA and hthieu166/petta, ``ttasampler.py``).
+
+    The stream of one domain is cut into ``num_slots`` consecutive slots (``num_classes``, at
+    most 100). Each class ``k`` splits its samples, in the given order, over the slots with
+    proportions drawn from ``Dir(gamma * 1)`` (one draw per class, ``C x slots`` in all; the
+    split points are ``floor(cumsum(p)[:-1] * n_k)``); each slot then emits its classes' pieces
+    in a random order of the classes. A small ``gamma`` puts most of a class into one slot:
+    long runs of one class, the classes taking turns. Unlike :func:`dirichlet_order` nothing is
+    shuffled first and no chunk has a minimum size, as in the official sampler. Passing
+    ``np.random.RandomState(s)`` draws in the official order after ``np.random.seed(s)``.
+
+    Returns:
+        int64 positions into ``labels`` (every sample exactly once).
+    """
+    if gamma <= 0:
+        raise ValueError(f"the class_temporal order needs a concentration > 0, got {gamma}")
+    labels = np.asarray(labels)
+    slots = num_slots or min(num_classes, 100)
+    proportions = rng.dirichlet([gamma] * slots, num_classes)  # (C, slots)
+    pieces: list[list[np.ndarray]] = [[] for _ in range(slots)]
+    for k in range(num_classes):  # one split per class (C <= 1000), not per sample
+        members = np.flatnonzero(labels == k)
+        cuts = (np.cumsum(proportions[k])[:-1] * len(members)).astype(int)
+        for slot, part in enumerate(np.split(members, cuts)):
+            pieces[slot].append(part)
+    emitted = [slot[i] for slot in pieces for i in rng.permutation(len(slot))]
+    return np.concatenate(emitted).astype(np.int64) if emitted else np.zeros(0, dtype=np.int64)
+
+
 def order_labels(
     labels: np.ndarray,
     kind: str,
@@ -147,8 +181,12 @@ def order_labels(
 
     Mirrors the official loaders (§9.3): the sample list is always shuffled with the seeded
     generator first; ``"sorted"`` then sorts it stably by class and ``"dirichlet"`` reorders
-    it with :func:`dirichlet_order` (δ = 0 means sorted).
+    it with :func:`dirichlet_order` (δ = 0 means sorted). ``"class_temporal"`` is
+    :func:`class_temporal_order` with concentration ``delta`` over the list as given (its
+    official sampler does not shuffle first).
     """
+    if kind == "class_temporal":
+        return class_temporal_order(labels, num_classes, delta, rng)
     shuffled = iid_order(len(labels), rng)
     if kind == "iid":
         return shuffled

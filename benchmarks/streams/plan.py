@@ -59,10 +59,34 @@ class StreamPlan:
     def batch_sizes(self) -> np.ndarray:
         return np.diff(self.batch_bounds)
 
+    def recurrence(self) -> np.ndarray:
+        """Per-sample visit of the schedule (0 unless the stream recurs)."""
+        return np.array([s.recurrence for s in self.segments], dtype=np.int64)[self.segment_id]
+
     def batch_resets(self) -> np.ndarray:
         """Whether the method is reset before each batch (first batch of a resetting segment)."""
         resetting = np.array([s.reset for s in self.segments], dtype=bool)
         return np.isin(self.batch_bounds[:-1], self.segment_bounds[:-1][resetting])
+
+
+def _derived_seed(*entropy: int) -> int:
+    return int(np.random.SeedSequence(list(entropy)).generate_state(1)[0])
+
+
+def segment_seed(config: StreamConfig, index: int, segment: Segment) -> int:
+    """The seed of one segment's sample order.
+
+    ``config.seed`` for every segment of the first visit (every domain presents the same
+    image order, as the official loaders reseed per domain), one derived from ``(seed,
+    recurrence)`` for later visits of a recurring stream, and one derived from ``(seed,
+    segment index)`` for the ``class_temporal`` order, whose official sampler draws every
+    domain's slots afresh from one running generator.
+    """
+    if config.label_order == "class_temporal":
+        return _derived_seed(config.seed, 1, index)
+    if segment.recurrence == 0:
+        return config.seed
+    return _derived_seed(config.seed, 0, segment.recurrence)
 
 
 def plan_stream(config: StreamConfig, source: DomainSource) -> StreamPlan:
@@ -73,7 +97,8 @@ def plan_stream(config: StreamConfig, source: DomainSource) -> StreamPlan:
     imbalance), shuffle with a generator freshly seeded with ``config.seed`` (as the
     official loaders reseed per domain, so every domain presents the same image order),
     apply the label order (see :func:`benchmarks.streams.label_order.segment_order`), and
-    cut into batches of ``batch_size`` (the last one of a segment may be smaller).
+    cut into batches of ``batch_size`` (the last one of a segment may be smaller). The seed
+    of each segment's order is :func:`segment_seed`.
     """
     segments = tuple(build_segments(config))
     keys: list[Hashable] = []
@@ -114,7 +139,7 @@ def plan_stream(config: StreamConfig, source: DomainSource) -> StreamPlan:
         order = segment_order(
             merged["labels"],
             config.effective_label_order,
-            config.seed,
+            segment_seed(config, seg_id, segment),
             num_classes=int(num_classes),  # type: ignore[arg-type]
             delta=config.delta,
             seeding=config.seeding,

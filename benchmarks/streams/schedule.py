@@ -23,11 +23,13 @@ class Segment:
         domains: the domain(s) whose samples the segment holds (all domains when mixed).
         severity: the severity of every sample in the segment.
         reset: whether the method is reset before the segment's first batch.
+        recurrence: which visit of the schedule it belongs to (0 unless ``recurrences > 1``).
     """
 
     domains: tuple[str, ...]
     severity: int
     reset: bool
+    recurrence: int = 0
 
     @property
     def name(self) -> str:
@@ -44,15 +46,19 @@ def build_segments(config: StreamConfig) -> list[Segment]:
       configured, otherwise the configured list); reset only before the first batch.
     * ``mixed``: one segment per severity holding all domains' samples shuffled together;
       reset only before the first batch.
+
+    With ``recurrences = R`` the whole sequence is visited R times in a row (the resets of
+    the schedule repeat with it: continual streams still reset only before the first batch).
     """
     severities = config.severity_sequence()
     segments: list[Segment] = []
-    if config.schedule == "mixed":
-        for severity in severities:
-            segments.append(Segment(config.domains, severity, reset=not segments))
-        return segments
-    for domain in config.domains:
-        for i, severity in enumerate(severities):
-            reset = not segments or (config.schedule == "reset_each_shift" and i == 0)
-            segments.append(Segment((domain,), severity, reset=reset))
+    for recurrence in range(config.recurrences):
+        if config.schedule == "mixed":
+            for severity in severities:
+                segments.append(Segment(config.domains, severity, reset=not segments, recurrence=recurrence))
+            continue
+        for domain in config.domains:
+            for i, severity in enumerate(severities):
+                reset = not segments or (config.schedule == "reset_each_shift" and i == 0)
+                segments.append(Segment((domain,), severity, reset=reset, recurrence=recurrence))
     return segments
