@@ -20,7 +20,7 @@ STANDARD_DOMAINS: tuple[str, ...] = CORRUPTIONS
 #: Domain names that mean "no corruption" ("none" is what the mariodoebler benchmark uses).
 CLEAN_DOMAINS: frozenset[str] = frozenset({"clean", "none"})
 
-SCHEDULES: tuple[str, ...] = ("reset_each_shift", "continual", "mixed", "gradual")
+SCHEDULES: tuple[str, ...] = ("reset_each_shift", "continual", "mixed", "gradual", "ccc")
 LABEL_ORDERS: tuple[str, ...] = ("iid", "sorted", "dirichlet", "class_temporal")
 SOURCES: tuple[str, ...] = ("generate", "files")
 
@@ -45,7 +45,10 @@ class StreamConfig:
         domains: corruption names, or ``"clean"`` / ``"none"`` for uncorrupted images.
         severities: severities 1..5; each domain is visited once per severity (§9.3).
         schedule: ``"reset_each_shift"``, ``"continual"``, ``"mixed"`` (alias
-            ``"mixed_domains"``) or ``"gradual"`` (§9.3).
+            ``"mixed_domains"``), ``"gradual"`` (§9.3) or ``"ccc"``: a continuously changing
+            walk over (corruption, severity) states calibrated to a target accuracy of the
+            source model (:mod:`benchmarks.streams.ccc`; ``walk_*`` fields; generated
+            sources only).
         label_order: ``"iid"`` (seeded shuffle), ``"sorted"`` (by class, stable),
             ``"dirichlet"`` (§9.2; ``delta == 0`` means sorted, as in the mariodoebler code) or
             ``"class_temporal"`` (RoTTA's and PeTTA's sampler,
@@ -87,6 +90,15 @@ class StreamConfig:
             :func:`benchmarks.corruptions.corrupt_uint8`), so generated and file streams hold
             the same kind of values. Off by default (float output).
         device: device on which batches are built and corrupted.
+        walk_table: for ``schedule="ccc"``: the calibration table (JSON written by
+            :func:`benchmarks.streams.ccc.save_table`): the source model's accuracy at every
+            (corruption, severity); the walk uses those of ``domains``.
+        walk_target: the source accuracy the walk holds (CCC-Easy/Medium/Hard: 0.4/0.2/0.0).
+        walk_band: states within this distance of ``walk_target`` are allowed.
+        walk_speed: images per step of the walk.
+        walk_steps: steps of the walk (``walk_speed * walk_steps`` images in all).
+        walk_transition: steps over which the next state's share rises from 0 to 1.
+        walk_dwell: steps spent in a state before the next transition starts.
         dirichlet_min_chunk: minimum samples per Dirichlet chunk (10 in the official code).
         dirichlet_timeout_s: give up the Dirichlet retry loop after this long (120 s).
     """
@@ -112,6 +124,13 @@ class StreamConfig:
     corruption_seed: int = 0
     quantize: bool = False
     device: str = "cpu"
+    walk_table: str | None = None
+    walk_target: float = 0.4
+    walk_band: float = 0.1
+    walk_speed: int = 1000
+    walk_steps: int = 100
+    walk_transition: int = 5
+    walk_dwell: int = 5
     dirichlet_min_chunk: int = 10
     dirichlet_timeout_s: float = 120.0
 
@@ -154,6 +173,11 @@ class StreamConfig:
             raise ValueError(f"recurrences must be >= 1, got {self.recurrences}")
         if self.label_order == "class_temporal" and (self.delta <= 0 or self.seeding != "library"):
             raise ValueError("the class_temporal order needs delta > 0 and seeding='library'")
+        if self.schedule == "ccc":
+            if not self.walk_table or self.source != "generate":
+                raise ValueError("schedule='ccc' needs walk_table (a calibration table) and source='generate'")
+            if self.walk_speed < 1 or self.walk_steps < 1 or self.walk_transition < 1 or self.walk_dwell < 0:
+                raise ValueError("walk_speed, walk_steps and walk_transition must be >= 1, walk_dwell >= 0")
         if self.dirichlet_min_chunk < 0 or self.dirichlet_timeout_s <= 0:
             raise ValueError("dirichlet_min_chunk must be >= 0 and dirichlet_timeout_s > 0")
 
@@ -218,6 +242,6 @@ def split_by_domain(config: StreamConfig) -> list[StreamConfig]:
     that domain (a reset before its first batch), so running them as S parallel streams is
     equivalent to the reset-each-shift protocol.
     """
-    if config.schedule == "mixed":
-        raise ValueError("a mixed stream cannot be split by domain")
+    if config.schedule in ("mixed", "ccc"):
+        raise ValueError(f"a {config.schedule} stream cannot be split by domain")
     return [config.replace(domains=(d,)) for d in config.domains]

@@ -12,7 +12,7 @@ the official code after ``np.random.seed(seed)``; the library itself uses a seed
 official loader gives for a run seed (its Python ``random`` shuffle, then the global NumPy
 generator), and :func:`segment_order` adds TRIBE's global class imbalance (a long-tailed
 subsample) under any of these label orders. :func:`class_temporal_order` is the other
-Dirichlet sampler of the literature, RoTTA's and PeTTA's "class_temporal" one (docs/STREAMS.md).
+Dirichlet sampler of the literature, RoTTA's and PeTTA's "class_temporal" one (docs/BENCHMARKS.md, "Long streams").
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ import numpy as np
 
 from benchmarks.streams.config import StreamConfig
 from benchmarks.streams.label_order import segment_order
-from benchmarks.streams.schedule import Segment, build_segments
+from benchmarks.streams.ccc import step_assignments
+from benchmarks.streams.schedule import Segment, build_segments, walk_steps
 from benchmarks.streams.sources import DomainSource
 
 
@@ -109,7 +110,35 @@ def plan_stream(config: StreamConfig, source: DomainSource) -> StreamPlan:
     columns: dict[str, list[np.ndarray]] = {name: [] for name in fields}
     segment_bounds = [0]
     batch_bounds = [0]
+    walk = walk_steps(config) if config.schedule == "ccc" else []
     for seg_id, segment in enumerate(segments):
+        if walk:
+            step = walk[seg_id % len(walk)]
+            key = source.key(step.current[0], step.current[1])
+            if key not in key_index:
+                key_index[key] = len(keys)
+                keys.append(key)
+            arrays = source.load(step.current[0], step.current[1])
+            num_classes = arrays.num_classes
+            rng = np.random.default_rng(np.random.SeedSequence([config.seed, 3, seg_id]))
+            rows, following = step_assignments(step, config.walk_speed, len(arrays), rng)
+            state_domain = np.array([domain_index[step.current[0]], domain_index[step.following[0]]])
+            state_severity = np.array([step.current[1], step.following[1]])
+            start = segment_bounds[-1]
+            part = {
+                "labels": arrays.labels[rows], "domain_id": state_domain[following.astype(int)],
+                "severity": state_severity[following.astype(int)],
+                "segment_id": np.full(len(rows), seg_id, dtype=np.int64),
+                "key_id": np.full(len(rows), key_index[key], dtype=np.int64), "base_index": rows,
+                "sample_id": np.arange(start, start + len(rows), dtype=np.int64),  # every position its own draw
+            }
+            for name in columns:
+                columns[name].append(np.asarray(part[name], dtype=np.int64))
+            stop = start + len(rows)
+            batch_bounds.extend(range(start + config.batch_size, stop, config.batch_size))
+            batch_bounds.append(stop)
+            segment_bounds.append(stop)
+            continue
         pool: dict[str, list[np.ndarray]] = {name: [] for name in columns}
         for domain in segment.domains:
             key = source.key(domain, segment.severity)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from benchmarks.streams.ccc import WalkStep, load_table, walk_schedule
 from benchmarks.streams.config import StreamConfig
 
 MIXED = "mixed"
@@ -47,9 +48,19 @@ def build_segments(config: StreamConfig) -> list[Segment]:
     * ``mixed``: one segment per severity holding all domains' samples shuffled together;
       reset only before the first batch.
 
+    * ``ccc``: one segment per step of the calibrated walk (:mod:`benchmarks.streams.ccc`),
+      holding the step's current and following state; reset only before the first batch.
+
     With ``recurrences = R`` the whole sequence is visited R times in a row (the resets of
     the schedule repeat with it: continual streams still reset only before the first batch).
     """
+    if config.schedule == "ccc":
+        return [
+            Segment(tuple(dict.fromkeys((step.current[0], step.following[0]))), step.current[1], reset=i == 0 and r == 0,
+                    recurrence=r)
+            for r in range(config.recurrences)
+            for i, step in enumerate(walk_steps(config))
+        ]
     severities = config.severity_sequence()
     segments: list[Segment] = []
     for recurrence in range(config.recurrences):
@@ -62,3 +73,15 @@ def build_segments(config: StreamConfig) -> list[Segment]:
                 reset = not segments or (config.schedule == "reset_each_shift" and i == 0)
                 segments.append(Segment((domain,), severity, reset=reset, recurrence=recurrence))
     return segments
+
+
+def walk_steps(config: StreamConfig) -> list[WalkStep]:
+    """The steps of a ``ccc`` stream's walk (over ``config.domains``), drawn from its seed."""
+    import numpy as np
+
+    table = {state: acc for state, acc in load_table(config.walk_table or "").items() if state[0] in config.domains}
+    rng = np.random.default_rng(np.random.SeedSequence([config.seed, 2]))
+    return walk_schedule(
+        table, config.walk_target, config.walk_steps, rng, band=config.walk_band,
+        transition=config.walk_transition, dwell=config.walk_dwell,
+    )

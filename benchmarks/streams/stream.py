@@ -29,7 +29,8 @@ class Batch:
         labels: int64 ``(B,)`` on the stream's device.
         domain: the batch's domain name, or ``"mixed"`` when it holds several domains (a
             batch of a mixed stream that happens to hold one domain is named after it).
-        severity: severity of every sample in the batch.
+        severity: severity of the batch's segment (every sample's, except in ``ccc`` streams,
+            whose samples carry their own: ``Stream.plan.severity``).
         domain_ids: int64 ``(B,)`` on the CPU, per-sample index into ``domains``.
         domains: the stream's domain names.
         sample_ids: int64 ``(B,)`` on the CPU, per-sample corruption-draw ids.
@@ -141,12 +142,11 @@ class Stream:
         domain_ids = plan.domain_id[rows]
         present = np.unique(domain_ids)
         images = self._images(
-            present,
             domain_ids,
+            plan.severity[rows],
             plan.key_id[rows],
             plan.base_index[rows],
             plan.sample_id[rows],
-            segment.severity,
         )
         return Batch(
             images=images,
@@ -165,17 +165,18 @@ class Stream:
     # -- image assembly ------------------------------------------------------------------------
     def _images(
         self,
-        present: np.ndarray,
         domain_ids: np.ndarray,
+        severities: np.ndarray,
         key_ids: np.ndarray,
         base_index: np.ndarray,
         sample_ids: np.ndarray,
-        severity: int,
     ) -> torch.Tensor:
-        """Gather the batch (one gather per source key), then corrupt it per domain group.
+        """Gather the batch (one gather per source key), then corrupt it per (domain,
+        severity) group.
 
         A generated source has a single key, so even a mixed batch is gathered at once and
-        only the corruption runs per domain (a loop over domains, never over samples).
+        only the corruption runs per group (a loop over the groups present, at most domains x
+        severities, never over samples). Segments hold one severity except in ``ccc`` streams.
         """
         keys = np.unique(key_ids)
         if len(keys) == 1:
@@ -191,15 +192,16 @@ class Stream:
             assert images is not None
         if not self.source.on_the_fly:
             return images
-        for domain_id in present:
+        groups = np.unique(np.stack([domain_ids, severities], axis=1), axis=0)
+        for domain_id, severity in groups:
             domain = self.plan.domains[int(domain_id)]
             if domain in CLEAN_DOMAINS:
                 continue
-            if len(present) == 1:
-                return self._apply_corruption(images, domain, severity, sample_ids)
-            rows = np.flatnonzero(domain_ids == domain_id)
+            if len(groups) == 1:
+                return self._apply_corruption(images, domain, int(severity), sample_ids)
+            rows = np.flatnonzero((domain_ids == domain_id) & (severities == severity))
             index = self._device_rows(rows)
-            images[index] = self._apply_corruption(images[index], domain, severity, sample_ids[rows])
+            images[index] = self._apply_corruption(images[index], domain, int(severity), sample_ids[rows])
         return images
 
     def _gather(self, key_id: int, base_index: np.ndarray) -> torch.Tensor:
