@@ -27,7 +27,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from benchmarks.app.schema import NON_IDENTITY_KEYS
+from benchmarks.app.schema import IDENTITY_NEUTRAL_DEFAULTS, NON_IDENTITY_KEYS
 
 KEY_LENGTH = 10
 
@@ -55,6 +55,10 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
         parent, _, leaf = dotted.rpartition(".")
         if parent and isinstance(out.get(parent), dict):
             out[parent].pop(leaf, None)
+    for dotted, neutral in IDENTITY_NEUTRAL_DEFAULTS.items():
+        parent, _, leaf = dotted.rpartition(".")
+        if isinstance(out.get(parent), dict) and leaf in out[parent] and out[parent][leaf] == neutral:
+            del out[parent][leaf]
     return out
 
 

@@ -29,12 +29,14 @@ class Schedule(Enum):
     mixed = "mixed"
     mixed_domains = "mixed_domains"
     gradual = "gradual"
+    ccc = "ccc"
 
 
 class LabelOrder(Enum):
     iid = "iid"
     sorted = "sorted"
     dirichlet = "dirichlet"
+    class_temporal = "class_temporal"
 
 
 class Seeding(Enum):
@@ -148,10 +150,20 @@ class StreamSchema:
     batch_size: int = 64
     n_examples: Optional[int] = None
     replays: int = 1
+    #: visits of the whole schedule (PeTTA's recurring protocol: 20)
+    recurrences: int = 1
     seed: int = 1
     corruption_seed: int = 0
     #: round generated corruptions to 8 bits like the official files (ALGORITHMS.md §9.1)
     quantize: bool = False
+    #: schedule=ccc: the calibration table and the walk (benchmarks/streams/ccc.py)
+    walk_table: Optional[str] = None
+    walk_target: float = 0.4
+    walk_band: float = 0.1
+    walk_speed: int = 1000
+    walk_steps: int = 100
+    walk_transition: int = 5
+    walk_dwell: int = 5
     dirichlet_min_chunk: int = 10
     dirichlet_timeout_s: float = 120.0
 
@@ -223,6 +235,19 @@ NON_IDENTITY_KEYS: tuple[str, ...] = (
     "model.model_dir",
     "model.hint",
 )
+
+#: fields added after runs were recorded, left out of a run's identity at these values, so the
+#: runs made before them keep their keys (and their folders and finished results)
+IDENTITY_NEUTRAL_DEFAULTS: dict[str, Any] = {
+    "stream.recurrences": 1,
+    "stream.walk_table": None,
+    "stream.walk_target": 0.4,
+    "stream.walk_band": 0.1,
+    "stream.walk_speed": 1000,
+    "stream.walk_steps": 100,
+    "stream.walk_transition": 5,
+    "stream.walk_dwell": 5,
+}
 
 SCHEMA_NAME = "tta_bench_schema"
 

@@ -192,3 +192,14 @@ def test_method_group_yaml_is_name_plus_hparams() -> None:
     for path in (CONF / "method").glob("*.yaml"):
         data = OmegaConf.load(path)
         assert set(data.keys()) == {"name", "hparams"}, path
+
+
+def test_fields_added_later_leave_earlier_run_keys_unchanged() -> None:
+    from benchmarks.app.schema import IDENTITY_NEUTRAL_DEFAULTS, StreamSchema
+
+    base = run_key(identity(make(["experiment=digits_quick"])))
+    assert "recurrences" not in identity(make(["experiment=digits_quick"]))["stream"]
+    assert run_key(identity(make(["experiment=digits_quick", "stream.recurrences=3"]))) != base
+    defaults = StreamSchema()
+    for dotted, neutral in IDENTITY_NEUTRAL_DEFAULTS.items():  # the neutral values are the defaults
+        assert getattr(defaults, dotted.split(".", 1)[1]) == neutral
