@@ -248,6 +248,11 @@ def available() -> str:
     return ""
 
 
+def versions() -> list[str]:
+    """The cgroup versions that carry the controllers here (``["v1"]``, ``["v2"]``, both)."""
+    return sorted({f"v{h.version}" for h in _hierarchies().values()})
+
+
 def join_command(procs_files: Iterable[str], command: list[str]) -> list[str]:
     """``command`` run by a shell that first moves itself into every group, then execs it,
     so that nothing of the command ever runs outside them."""

@@ -111,10 +111,9 @@ def probe() -> str:
 def describe() -> dict[str, object]:
     """What isolates a run, for its record."""
     version = subprocess.run([_tool("bwrap") or "bwrap", "--version"], capture_output=True, text=True).stdout.strip()
-    hierarchies = cgroups._hierarchies()
     return {
         "tool": version,
-        "cgroup": sorted({f"v{h.version}" for h in hierarchies.values()}),
+        "cgroup": cgroups.versions(),
         "uid": NOBODY if _privileged() else os.geteuid(),
     }
 
