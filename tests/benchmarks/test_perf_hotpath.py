@@ -17,8 +17,13 @@ from torch import nn
 
 import tta
 from benchmarks.perf.profiling import SYNC_OPS, host_sync_ops
+from tests.conftest import bn_net
 from tta.layers import stats
 from tta.layers.base import AdaptiveNorm
+from tta.layers.bcn import convert_to_bcn_ws
+from tta.methods import base
+from tta.registry import method_class
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -29,32 +34,19 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+#: every registered statistics method (and ``source``), with extra settings that change the
+#: hot path; from the registry, so a new statistics method is checked without editing this
 STATISTICS = [
-    ("norm", {}),
-    ("norm", {"momentum": 0.1}),
-    ("alpha_bn", {}),
-    ("unmix_tns", {}),
-    ("unmix_tns_mass", {}),
-    ("rbn", {}),
-    ("balanced_bn", {}),
-    ("gated_bn", {}),
-]
+    (name, {}) for name in tta.registered_methods() if method_class(name).role in (base.STATISTICS, base.NONE)
+] + [("norm", {"momentum": 0.1})]
 
 
-def bn_net(width: int = 16, seed: int = 0) -> nn.Module:
-    """conv-BN-ReLU x2 with non-trivial source statistics; 16x16 maps keep the fast paths on."""
-    generator = torch.Generator().manual_seed(seed)
-    net = nn.Sequential(
-        nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-        nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.BatchNorm1d(width), nn.Linear(width, 5),
-    )
-    with torch.no_grad():
-        for module in net.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.3)
-                module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
-    return net.eval()
+def model_for(method: str) -> nn.Module:
+    """:func:`bn_net`, converted to batch-channel normalization for ``bcn``."""
+    net = bn_net()
+    if method == "bcn":
+        net = convert_to_bcn_ws(net, num_groups=4, estimated_stats=True).eval()
+    return net
 
 
 def inputs(batch: int = 16, size: int = 16, seed: int = 1) -> torch.Tensor:
@@ -68,7 +60,7 @@ def inputs(batch: int = 16, size: int = 16, seed: int = 1) -> torch.Tensor:
 def test_statistics_step_has_no_host_synchronising_operator(method, hparams, streams):
     """No ``item``/``_local_scalar_dense``/``is_nonzero``/data-dependent-shape operator in a
     step: on CUDA the step never waits for the device (NaN guard included)."""
-    adapted = tta.adapt(bn_net(), method, num_streams=streams, **hparams)
+    adapted = tta.adapt(model_for(method), method, num_streams=streams, **hparams)
     x = inputs()
     assert host_sync_ops(lambda: adapted(x), torch.device("cpu")) == {}
     with adapted.no_adapt():
@@ -90,7 +82,7 @@ def _live_tensor_count() -> int:
 def test_repeated_steps_keep_no_graph_and_no_garbage():
     """A long stream must not accumulate autograd graphs, staged updates or tensors."""
     methods = STATISTICS + [("tent", {}), ("unmix_tns+tent", {}), ("unmix_tns", {"num_streams": 2})]
-    models = [tta.adapt(bn_net(), method, **hparams) for method, hparams in methods]
+    models = [tta.adapt(model_for(method.split("+")[0]), method, **hparams) for method, hparams in methods]
     x = inputs(batch=8, size=8)
     for adapted in models:
         for _ in range(3):

@@ -12,7 +12,7 @@ from torch import nn
 import tta
 from tta.layers.bcn import BatchChannelNorm2d
 
-from .helpers import batches, small_bn_cnn
+from tests.conftest import batches, small_bn_cnn
 
 STATISTICS_METHODS = ["norm", "alpha_bn", "unmix_tns"]
 STATEFUL = [("norm", {"momentum": 0.2}), ("unmix_tns", {"k": 4})]

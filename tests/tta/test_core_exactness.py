@@ -11,7 +11,7 @@ import tta
 from tta.layers import UnMixTNS
 from tta.surgery import source_state
 
-from .helpers import batches, small_bn_cnn
+from tests.conftest import batches, small_bn_cnn
 
 
 def _manual_forward(model: nn.Module, x: torch.Tensor, stats) -> torch.Tensor:

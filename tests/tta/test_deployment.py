@@ -20,7 +20,7 @@ from tta.layers import SourceStatsNorm
 from tta.layers.bcn import convert_to_bcn_ws
 from tta.registry import method_class
 
-from .helpers import batches, small_bn_cnn
+from tests.conftest import batches, small_bn_cnn
 
 COMPOSITIONS = ["alpha_bn+tent", "unmix_tns+tent", "unmix_tns+sar"]
 METHODS = sorted(tta.available_methods()) + COMPOSITIONS
@@ -82,7 +82,7 @@ def test_half_precision_models_adapt_with_fp32_state(method: str, dtype: torch.d
         reference(x)
     for name, p in adapted.model.named_parameters():
         assert p.dtype == dtype and torch.isfinite(p).all(), name
-    from tta.methods.base import MasterOptimizer
+    from tta.methods.optim import MasterOptimizer
 
     for optimizer in trained(adapted):
         assert isinstance(optimizer, MasterOptimizer)

@@ -11,7 +11,7 @@ import tta
 from tta.layers.robust_bn import RobustBatchNorm
 from tta.surgery import source_state
 
-from .helpers import batches, small_bn_cnn
+from tests.conftest import batches, small_bn_cnn
 
 
 def _layer(alpha: float = 0.05, streams: int = 1) -> RobustBatchNorm:

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from tta.features import find_classifier
+from tta.hyperparams import hparam
 from tta.layers.balanced_bn import BalancedBatchNorm
 from tta.layers.base import AdaptiveNorm, SourceNormState
-from tta.methods.base import hparam
 from tta.methods.statistics import StatisticsMethod, layers_hparam
 from tta.registry import register_method
 

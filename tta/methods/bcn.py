@@ -6,9 +6,9 @@ import dataclasses
 
 from torch import nn
 
+from tta.hyperparams import hparam
 from tta.layers.base import AdaptiveNorm, SourceNormState
 from tta.layers.bcn import BatchChannelNorm2d, TestTimeBatchChannelNorm
-from tta.methods.base import hparam
 from tta.methods.statistics import StatisticsMethod
 from tta.registry import register_method
 from tta.surgery import replace_modules

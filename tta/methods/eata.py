@@ -12,9 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tta.hyperparams import hparam
 from tta.layers.base import AdaptiveNorm
-from tta.methods import entropy
-from tta.methods.base import hparam
+from tta.methods.affine import NormAffineObjective
+from tta.methods.entropy import softmax_entropy
+from tta.methods.optim import OptimizerHparams, descend
+from tta.methods.state import state
 from tta.registry import register_method
 
 logger = logging.getLogger("tta")
@@ -35,7 +38,7 @@ def select_samples(
       sample is non-redundant (official: the check needs a previous average);
     * selected = reliable and non-redundant.
     """
-    ent = entropy.softmax_entropy(logits)
+    ent = softmax_entropy(logits)
     reliable = ent < e0
     probs = torch.softmax(logits.float(), dim=1)
     if probs_avg.shape[0] == probs.shape[1]:
@@ -122,7 +125,7 @@ def compute_fisher(
 
 
 @dataclasses.dataclass
-class ETAHparams(entropy.OptimizerHparams):
+class ETAHparams(OptimizerHparams):
     #: Nesterov momentum for SGD (SGD only; the official EATA code uses none)
     nesterov: bool = False
     #: entropy margin E_0 (Eq. 3); None: 0.4 ln C for C classes (official 0.4 ln 1000)
@@ -137,7 +140,7 @@ class ETAHparams(entropy.OptimizerHparams):
 
 
 @register_method
-class ETA(entropy.NormAffineObjective):
+class ETA(NormAffineObjective):
     """ETA: EATA without the anti-forgetting regularizer (Niu et al., "Efficient Test-Time
     Model Adaptation without Forgetting", ICML 2022, arXiv 2204.02610; official code
     mr-eggplant/EATA ``eata.py``, run there with ``--algorithm eta``).
@@ -170,17 +173,14 @@ class ETA(entropy.NormAffineObjective):
     name = "eta"
     Hparams = ETAHparams
 
-    def __init__(self, num_streams: int = 1, **hparams: Any) -> None:
-        super().__init__(num_streams, **hparams)
-        #: moving average of predictions (empty until the first batch gives C) and whether set
-        self.probs_avg = torch.zeros(0)
-        self.probs_set = torch.zeros((), dtype=torch.bool)
-        self.num_reliable = torch.zeros((), dtype=torch.long)
-        self.num_selected = torch.zeros((), dtype=torch.long)
-        #: Fisher diagonals and anchor values of the trainable parameters (EATA); empty: none
-        self.fisher: list[torch.Tensor] = []
-        self.anchors: list[torch.Tensor] = []
-        self.register_state("optimizer", "probs_avg", "probs_set", "num_reliable", "num_selected", "fisher", "anchors")
+    #: moving average of predictions (empty until the first batch gives C) and whether set
+    probs_avg = state(lambda m: torch.zeros(0))
+    probs_set = state(lambda m: torch.zeros((), dtype=torch.bool))
+    num_reliable = state(lambda m: torch.zeros((), dtype=torch.long))
+    num_selected = state(lambda m: torch.zeros((), dtype=torch.long))
+    #: Fisher diagonals and anchor values of the trainable parameters (EATA); empty: none
+    fisher = state(lambda m: [])
+    anchors = state(lambda m: [])
 
     def e0_for(self, num_classes: int) -> float:
         return self.hparams.e0 if self.hparams.e0 is not None else 0.4 * math.log(num_classes)
@@ -212,11 +212,7 @@ class ETA(entropy.NormAffineObjective):
                 self.num_reliable = self.num_reliable.to(out.device) + reliable.sum()
                 self.num_selected = self.num_selected.to(out.device) + count
             if bool(count > 0):  # the step's host synchronisation: skip the update when empty
-                loss.backward()
-                _, grads = entropy.present_grads(self.params)
-                entropy.nonfinite_guard_(grads)
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                descend(optimizer, loss)
         return out.detach()  # type: ignore[union-attr]
 
 

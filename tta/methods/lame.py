@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tta.features import find_classifier, logits_and_features
-from tta.methods.base import OUTPUT, Method, hparam
+from tta.hyperparams import hparam
+from tta.methods.base import OUTPUT, Method
 from tta.registry import register_method
 
 _EPS_LOG = 1e-10  # official: unary = -log(p + 1e-10)
@@ -114,7 +114,7 @@ def laplacian_optimization(
 @register_method
 class LAME(Method):
     """LAME (Boudiaf et al., "Parameter-free Online Test-time Adaptation", CVPR 2022,
-    arXiv 2201.05718; ``ALGORITHMS.md`` §8). Output-only: the model is frozen (no gradient,
+    arXiv 2201.05718; docs/METHODS.md §8). Output-only: the model is frozen (no gradient,
     no parameter or buffer changes; train/eval mode untouched after wrapping in eval).
 
     Per batch of N samples with class probabilities ``p_i`` and L2-normalized penultimate
@@ -137,11 +137,8 @@ class LAME(Method):
     Hparams = LAMEHparams
     supports_streams = True
 
-    def __init__(self, num_streams: int = 1, **hparams: Any) -> None:
-        super().__init__(num_streams, **hparams)
-        self._layer: str | None = self.hparams.feature_layer
-
     def convert(self, model: nn.Module) -> nn.Module:
+        self._layer = self.hparams.feature_layer
         if self._layer is None:
             found = find_classifier(model)
             self._layer = found[0] if found is not None else None

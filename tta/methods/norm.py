@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from tta.hyperparams import hparam
 from tta.layers.base import AdaptiveNorm, SourceNormState
 from tta.layers.batch_stats import TestTimeBatchNorm
-from tta.methods.base import hparam
 from tta.methods.statistics import StatisticsMethod, layers_hparam
 from tta.registry import register_method
 
