@@ -406,9 +406,9 @@ def normalization_layers(model: nn.Module) -> tuple[str, ...]:
 
 
 def resolved_hparams(method: Any) -> dict[str, dict[str, Any]]:
-    """Every hyperparameter a built :class:`tta.methods.base.Method` uses, per part."""
-    parts = [method.statistics, method.method] if hasattr(method, "statistics") and hasattr(method, "method") else [method]
-    return {str(part.name): canonical(dataclasses.asdict(part.hparams)) for part in parts}
+    """Every hyperparameter a method uses, per part (of a built :class:`tta.methods.base.Method`
+    or a parsed :class:`tta.MethodSpec`: both list their parts, compositions included)."""
+    return {str(name): canonical(values) for name, values in method.hparams_by_part().items()}
 
 
 @lru_cache(maxsize=1)

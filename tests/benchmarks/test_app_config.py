@@ -118,7 +118,8 @@ def test_bad_overrides_fail_in_composition(override: str, message: str) -> None:
     [
         (["method.name=bogus"], "unknown method 'bogus'"),
         (["method.name=unmix_tns+bogus"], "unknown method 'bogus'"),
-        (["method=unmix_tns", "+method.hparams.k=abc"], "could not be converted to Integer"),
+        # one type check for tta.adapt and the app (tta.hyperparams), no longer OmegaConf's wording
+        (["method=unmix_tns", "+method.hparams.k=abc"], "hyperparameter k must be an integer (>= 1), got 'abc'"),
         (["method=unmix_tns", "+method.hparams.kk=3"], "unknown hyperparameter"),
         (["method=unmix_tns", "+method.hparams.k=0"], "k must be a positive integer"),
         (["stream.domains=[gaussian_noise,fgo]"], "unknown domain(s) ['fgo']"),

@@ -110,3 +110,18 @@ def test_gradual_headline_averages_domain_severity_pairs(tmp_path: Path) -> None
     pairs = summary["domain_severity_errors"]
     assert sorted(pairs) == [f"contrast@{s}" for s in range(1, 6)]
     assert summary["mean_error"] == pytest.approx(sum(pairs.values()) / len(pairs))
+
+
+def test_a_run_parses_its_method_once_into_the_spec_and_builds_it_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tta.methods.base import Method
+
+    built: list[str] = []
+    original = Method.__init__
+
+    def counting(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        built.append(self.name)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Method, "__init__", counting)
+    runner.run(make(tmp_path, "method=unmix_tns_tent", "+method.hparams.k=4"))
+    assert built == ["unmix_tns", "tent"]  # the two parts of the composition, once each

@@ -40,6 +40,7 @@ class BCN(StatisticsMethod):
 
     name = "bcn"
     Hparams = BCNHparams
+    requires = "a model trained with BatchChannelNorm2d layers (tta.layers.bcn.convert_to_bcn_ws)"
 
     def build_layer(self, name: str, source: SourceNormState) -> AdaptiveNorm:  # pragma: no cover
         raise NotImplementedError("bcn converts BatchChannelNorm2d layers, not BatchNorm")

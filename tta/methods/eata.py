@@ -245,6 +245,7 @@ class EATA(ETA):
 
     name = "eata"
     Hparams = EATAHparams
+    requires = "source data for the Fisher regularizer (fisher_loader=...); without it eata runs as eta"
 
     def convert(self, model: nn.Module) -> nn.Module:
         model = super().convert(model)
