@@ -46,7 +46,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 from benchmarks.corruptions import CORRUPTIONS, SEVERITIES, corrupt_uint8  # noqa: E402
 from benchmarks.data import ImageArrays, cifar10_jpeg, load_cifar, load_digits  # noqa: E402
 from benchmarks.data.corrupted import CIFAR_C_DIRS, GENERATION_SIDECAR, N_SEVERITIES, file_digest  # noqa: E402
-from benchmarks.evaluation.writers import atomic_write_text  # noqa: E402
+from benchmarks.files import atomic_write_text  # noqa: E402
 from benchmarks.protocol import code_sha256  # noqa: E402
 
 SOURCES = ("cifar10-jpeg", "cifar10", "cifar100", "digits")

@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
         tqdm.write(f"seed {seed} {norm}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in result["metrics"].items())
                    + f" ({result['seconds']:.0f} s)")
         if args.out is not None:
-            from benchmarks.evaluation.writers import atomic_write_text
+            from benchmarks.files import atomic_write_text
 
             atomic_write_text(args.out, json.dumps(runs, indent=1))
     print(summarize(runs))

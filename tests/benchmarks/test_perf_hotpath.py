@@ -24,14 +24,7 @@ from tta.layers.bcn import convert_to_bcn_ws
 from tta.methods import base
 from tta.registry import method_class
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to a busy shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 #: every registered statistics method (and ``source``), with extra settings that change the

@@ -63,15 +63,7 @@ def _cases() -> list[tuple[str, str]]:
     return cases
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread is faster and immune to a busy shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 CASES = _cases()
 IDS = [f"{method}-{kind}" for method, kind in CASES]
 
