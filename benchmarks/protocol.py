@@ -58,7 +58,7 @@ from benchmarks.files import json_ready
 PROTOCOL_SCHEMA = "tta-protocol"
 PROTOCOL_VERSION = 1
 
-#: Headline metric of the test-time benchmarks (ALGORITHMS.md §9.4).
+#: Headline metric of the test-time benchmarks (docs/METHODS.md §9.4).
 ONLINE_ERROR = "online_error"
 ONLINE_ERROR_DEFINITION = (
     "online (predict-then-adapt) error: every sample is predicted once, by the forward call "
@@ -277,6 +277,8 @@ def harness_protocol(record: Mapping[str, Any]) -> HarnessProtocol:
         setting={key: config.get(key) for key in setting_keys},
         metric=MetricProtocol(
             name="A_auc,A_last,A_avg,F_last",
+            # recorded text, part of the fingerprint of existing records: the section is now
+            # docs/METHODS.md §9.5
             definition="Si-Blurry's online metrics (ALGORITHMS.md §9.5) on the hidden test set, seen classes only",
             averaging="A_auc: mean of the accuracy measured every eval_period samples; A_avg: mean over task ends",
             window=config.get("eval_period"),

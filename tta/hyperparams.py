@@ -278,15 +278,18 @@ def _field_comments(hparams_cls: type) -> dict[str, str]:
     return comments
 
 
-def describe_hparams(method: str, hparams_cls: type) -> list[Hyperparameter]:
-    """The hyperparameters of ``hparams_cls`` (a method's ``Hparams``), in declaration order."""
+def describe_hparams(method: str, hparams_cls: type, values: Any = None) -> list[Hyperparameter]:
+    """The hyperparameters of ``hparams_cls`` (a method's ``Hparams``), in declaration order;
+    the defaults are those of ``values`` (an ``Hparams`` instance) when given."""
     hints = _hints(hparams_cls)
     comments = _field_comments(hparams_cls)
     described = []
     for field in dataclasses.fields(hparams_cls):
         meta = dict(field.metadata)
         annotation = hints.get(field.name, Any)
-        if field.default is not dataclasses.MISSING:
+        if values is not None:
+            default = getattr(values, field.name)
+        elif field.default is not dataclasses.MISSING:
             default = field.default
         elif field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = field.default_factory()  # type: ignore[misc]

@@ -140,8 +140,13 @@ class MethodSpec:
         return {klass.name: dataclasses.asdict(hparams) for klass, hparams in zip(self.parts, self.hparams)}
 
     def describe_hparams(self) -> list[Hyperparameter]:
-        """Every hyperparameter this method accepts, per part (see :func:`tta.hparams`)."""
-        return [item for klass in self.parts for item in describe_hparams(klass.name, klass.Hparams)]
+        """Every hyperparameter this method accepts, per part, with the values this spec uses
+        as defaults (see :func:`tta.hparams`)."""
+        return [
+            item
+            for klass, values in zip(self.parts, self.hparams)
+            for item in describe_hparams(klass.name, klass.Hparams, values)
+        ]
 
 
 def hparams(method: str) -> list[Hyperparameter]:
@@ -152,7 +157,8 @@ def hparams(method: str) -> list[Hyperparameter]:
         lr: a float or None, > 0; default None. learning rate of the base SGD; ...
 
     An objective used alone lists its default statistics method's hyperparameters too (they
-    are accepted, e.g. ``tta.adapt(model, "tent", momentum=0.1)`` sets ``norm``'s)."""
+    are accepted, e.g. ``tta.adapt(model, "tent", momentum=0.1)`` sets ``norm``'s); a
+    composition's defaults are its own (``"unmix_tns+tent"`` trains with lr 1e-5)."""
     return MethodSpec.parse(method).describe_hparams()
 
 

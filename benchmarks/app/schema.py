@@ -150,7 +150,7 @@ class StreamSchema:
     replays: int = 1
     seed: int = 1
     corruption_seed: int = 0
-    #: round generated corruptions to 8 bits like the official files (ALGORITHMS.md §9.1)
+    #: round generated corruptions to 8 bits like the official files (docs/METHODS.md §9.1)
     quantize: bool = False
     dirichlet_min_chunk: int = 10
     dirichlet_timeout_s: float = 120.0

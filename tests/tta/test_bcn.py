@@ -1,4 +1,4 @@
-"""BCN and WS layers against their formulas (ALGORITHMS.md §7), the converter, and the
+"""BCN and WS layers against their formulas (docs/METHODS.md §7), the converter, and the
 test-time ``bcn`` method through ``tta.adapt``."""
 
 import copy

@@ -1,4 +1,4 @@
-"""LAME (ALGORITHMS.md §8): the solver against a hand-solved case and an independent
+"""LAME (docs/METHODS.md §8): the solver against a hand-solved case and an independent
 reimplementation of the official stopping rule, the affinities, the guards, the frozen
 model, and penultimate features of timm / torchvision / generic classifiers."""
 

@@ -1,4 +1,4 @@
-"""SAR (ALGORITHMS.md §3): reliable filter, SAM perturbation and exact restore, loss average
+"""SAR (docs/METHODS.md §3): reliable filter, SAM perturbation and exact restore, loss average
 and recovery (corrected and faithful), trainable-set exclusions, learning-rate rules, cost
 per batch, and BN / GN / LN models."""
 

@@ -12,7 +12,7 @@ class TestTimeBatchNorm(AdaptiveNorm):
     """Normalize with the statistics of the test batch (TBN; Schneider et al., NeurIPS 2020;
     Nado et al., 2020), as TENT's normalization does (Wang et al., ICLR 2021, §3).
 
-    ``mu_t, sigma_t^2`` = mean and *biased* variance over batch and spatial dims (spec §1).
+    ``mu_t, sigma_t^2`` = mean and *biased* variance over batch and spatial dims (docs/METHODS.md §1).
 
     With ``momentum = m`` the layer keeps an exponential moving average of the target
     statistics, initialised from the source statistics, and normalizes with the average that

@@ -19,13 +19,13 @@ class BCNHparams:
     #: EstBN moving speed r of the estimated batch-stage statistics at test time. None: each
     #: layer's own training value (``moving_speed`` of an estimated-statistics BCN, the BN
     #: momentum of a BatchNorm-stage BCN, 0.1 when that is None). UNVERIFIED in the papers.
-    moving_speed: float | None = hparam(None, low=0.0, high=1.0)
+    moving_speed: float | None = hparam(None, low=0.0, high=1.0, symbol="r")
 
 
 @register_method
 class BCN(StatisticsMethod):
     """Batch-Channel Normalization at test time (Qiao et al., arXiv 1903.10520 §4 and
-    arXiv 1911.09738; ``ALGORITHMS.md`` §7).
+    arXiv 1911.09738; docs/METHODS.md §7).
 
     For models *trained* with :class:`tta.layers.BatchChannelNorm2d` (see
     :func:`tta.layers.bcn.convert_to_bcn_ws`). Every such layer becomes a

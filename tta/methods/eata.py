@@ -129,10 +129,10 @@ class ETAHparams(OptimizerHparams):
     #: Nesterov momentum for SGD (SGD only; the official EATA code uses none)
     nesterov: bool = False
     #: entropy margin E_0 (Eq. 3); None: 0.4 ln C for C classes (official 0.4 ln 1000)
-    e0: float | None = hparam(None, low=0.0, low_open=True)
+    e0: float | None = hparam(None, low=0.0, low_open=True, symbol="E_0")
     #: redundancy margin epsilon of |cos| (Eq. 5): 0.4, the mariodoebler CIFAR-10-C config
     #: (with 10 classes the official ImageNet default 0.05 would reject nearly every sample)
-    d_margin: float = hparam(0.4, low=0.0, low_open=True)
+    d_margin: float = hparam(0.4, low=0.0, low_open=True, symbol="ε")
     #: gradient steps per batch (official 1)
     steps: int = hparam(1, low=1)
     #: restore the wrap-time model and method state before every batch
@@ -220,7 +220,7 @@ class ETA(NormAffineObjective):
 class EATAHparams(ETAHparams):
     #: trade-off beta of the Fisher regularizer (Eq. 8): 1, the mariodoebler CIFAR-10-C
     #: config; official ImageNet default 2000. 0 runs ETA.
-    fisher_alpha: float = hparam(1.0, low=0.0)
+    fisher_alpha: float = hparam(1.0, low=0.0, symbol="β")
     #: source data for the Fisher information: any iterable of batches (tensors, or tuples /
     #: lists whose first item is the input, e.g. a torch DataLoader; labels are ignored).
     #: Read once at wrap time; None runs ETA (with a warning). Official: 2,000 clean

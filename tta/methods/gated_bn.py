@@ -44,7 +44,7 @@ class GatedBNHparams:
     #: 1: the robust averages alone); None: the detector decides
     fixed_gate: float | None = hparam(None, low=0.0, high=1.0)
     #: K, number of classes; None reads it from the model's classifier (last Linear layer)
-    num_classes: int | None = hparam(None, low=2)
+    num_classes: int | None = hparam(None, low=2, symbol="K")
     #: which BatchNorm layers adapt: "all" or "spatial" (BatchNorm1d keeps its source statistics)
     layers: str = layers_hparam("all")
 

@@ -23,9 +23,9 @@ class LAMEHparams:
     affinity: str = hparam("rbf", choices=("knn", "rbf", "linear"))
     #: k: neighbours of the kNN affinity; for rbf, sigma = mean distance to the k-th nearest
     #: point counting the point itself (official 5)
-    knn: int = hparam(5, low=1)
+    knn: int = hparam(5, low=1, symbol="k")
     #: lambda, weight of the Laplacian term (official 1)
-    bound_lambda: float = hparam(1.0, low=0.0)
+    bound_lambda: float = hparam(1.0, low=0.0, symbol="λ")
     #: maximum bound-optimization iterations (official 100)
     max_steps: int = hparam(100, low=1)
     #: symmetrize the affinity, W <- (W + W^T) / 2 (official False)

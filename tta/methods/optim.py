@@ -230,7 +230,7 @@ class OptimizerHparams:
     #: learning rate (official CIFAR-10-C configs: Adam 1e-3; ImageNet-C: SGD 2.5e-4 at batch 64)
     lr: float = hparam(1e-3, low=0.0, low_open=True)
     #: Adam beta_1 (beta_2 is 0.999), official 0.9
-    beta: float = hparam(0.9, low=0.0, high=1.0, high_open=True)
+    beta: float = hparam(0.9, low=0.0, high=1.0, high_open=True, symbol="β₁")
     #: SGD momentum (SGD only; official 0.9)
     sgd_momentum: float = hparam(0.9, low=0.0, high=1.0, high_open=True)
     #: Nesterov momentum for SGD (SGD only; TENT's and ROID's official default True)

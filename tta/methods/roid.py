@@ -175,11 +175,11 @@ class ROIDHparams(OptimizerHparams):
     #: batches in [0, 1] and torchvision)
     consistency: bool = True
     #: weight-ensembling momentum m: theta <- m theta + (1 - m) theta_src (official 0.99)
-    momentum_src: float = hparam(0.99, low=0.0, high=1.0)
+    momentum_src: float = hparam(0.99, low=0.0, high=1.0, symbol="m")
     #: momentum of the moving average of mean predictions (official 0.9)
     momentum_probs: float = hparam(0.9, low=0.0, high=1.0)
     #: temperature T of the weights exp(d c / T) (official 1/3)
-    temperature: float = hparam(1.0 / 3.0, low=0.0, low_open=True)
+    temperature: float = hparam(1.0 / 3.0, low=0.0, low_open=True, symbol="T")
     #: restore the wrap-time model and method state before every batch
     episodic: bool = False
 

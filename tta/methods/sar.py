@@ -36,13 +36,13 @@ class SARHparams:
     #: size of the first batch (see :func:`sar_learning_rate`)
     lr: float | None = hparam(None, low=0.0, low_open=True)
     #: SAM radius rho (official 0.05)
-    rho: float = hparam(0.05, low=0.0)
+    rho: float = hparam(0.05, low=0.0, symbol="ρ")
     #: adaptive SAM (scale the perturbation by |theta|); official False
     adaptive: bool = False
     #: entropy threshold E_0 of the reliable-sample filter; None: 0.4 ln C (C = classes)
-    e0: float | None = hparam(None, low=0.0, low_open=True)
+    e0: float | None = hparam(None, low=0.0, low_open=True, symbol="E_0")
     #: recovery threshold e_m on the moving average of the second loss (official 0.2)
-    e_m: float = 0.2
+    e_m: float = hparam(0.2, symbol="e_m")
     #: decay of that moving average (official 0.9: ema <- 0.9 ema + 0.1 loss)
     ema_decay: float = hparam(0.9, low=0.0, high=1.0, high_open=True)
     #: SGD momentum of the base optimizer (official 0.9, no Nesterov, no weight decay)

@@ -25,14 +25,14 @@ class TRIBEHparams:
     #: Adam learning rate (official default 1e-3)
     lr: float = hparam(1e-3, low=0.0, low_open=True)
     #: Adam beta_1 (beta_2 is 0.999), official 0.9
-    beta: float = hparam(0.9, low=0.0, high=1.0, high_open=True)
+    beta: float = hparam(0.9, low=0.0, high=1.0, high_open=True, symbol="β₁")
     #: weight decay (official 0)
     weight_decay: float = hparam(0.0, low=0.0)
     #: H_0, entropy threshold as a fraction of ln K (official CIFAR-10 0.05, CIFAR-100 0.2,
     #: ImageNet 0.4)
-    h0: float = hparam(0.05, low=0.0, low_open=True)
+    h0: float = hparam(0.05, low=0.0, low_open=True, symbol="H_0")
     #: lambda, weight of the anchor (source-network) regularizer (official 0.5)
-    anchor_weight: float = hparam(0.5, low=0.0)
+    anchor_weight: float = hparam(0.5, low=0.0, symbol="λ")
     #: augmentation of the student's input: "strong" (official), "soft" or "none"; expects
     #: images in [0, 1], drawn from the wrapper's seeded generator
     augment: str = hparam("strong", choices=(*RANGES, "none"))
