@@ -38,11 +38,19 @@ def registered_methods() -> list[str]:
     return list(_REGISTRY)
 
 
+class UnknownMethod(ValueError):
+    """A method name that is not registered (``name`` holds it)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"unknown method {name!r}; available: {', '.join(available_methods())} "
+            "(or compositions such as 'unmix_tns+tent')"
+        )
+        self.name = name
+
+
 def method_class(name: str) -> type["Method"]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(
-            f"unknown method {name!r}; available: {', '.join(available_methods())} "
-            "(or compositions such as 'unmix_tns+tent')"
-        ) from None
+        raise UnknownMethod(name) from None

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from benchmarks.app.errors import BenchConfigError
 from benchmarks.app.schema import AppConfig, EvalConfig, ModelConfig, PathsConfig, RuntimeConfig
+from tta.registry import UnknownMethod, available_methods
 from tta.spec import MethodSpec
 
 
@@ -96,6 +97,11 @@ class RunSpec:
         method_spec, method_error = None, None
         try:
             method_spec = MethodSpec.parse(method, hparams, num_streams=_num_streams(typed.eval, stream))
+        except UnknownMethod as error:
+            method_error = (
+                f"unknown method {error.name!r} (method.name={method!r}); registered methods: "
+                f"{', '.join(available_methods())} (compositions: '<statistics>+<method>', e.g. 'unmix_tns+tent')"
+            )
         except (ValueError, TypeError) as error:
             method_error = f"method {method!r} with hparams {hparams}: {error}"
         resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
