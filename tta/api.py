@@ -6,6 +6,7 @@ import contextlib
 import copy
 import logging
 import threading
+import warnings
 from typing import Any, Iterator
 
 import torch
@@ -217,6 +218,22 @@ class Adapted(nn.Module):
         return f"method={self.method.describe()}"
 
 
+class AutoChoice(UserWarning):
+    """What ``method="auto"`` chose for a model, and why (shown once per call site)."""
+
+
+def _announce_auto_choice(method: str, reason: str) -> None:
+    """Tell the user what ``auto`` chose even when no logging is configured: a warning, which
+    Python shows once per call site (filter :class:`AutoChoice` to silence it), and the log."""
+    logger.info("tta.adapt: method='auto' chose %r (%s)", method, reason)
+    warnings.warn(
+        f"tta.adapt: method='auto' chose {method!r} ({reason}); model.method_name and model.auto_reason "
+        f"keep the choice, pass method={method!r} to make it explicit",
+        AutoChoice,
+        stacklevel=3,
+    )
+
+
 def adapt(
     model: nn.Module,
     method: str | MethodSpec = "auto",
@@ -234,7 +251,8 @@ def adapt(
         model: any classifier (timm, torchvision or a user's ``nn.Module``).
         method: a name from :func:`tta.available_methods`, a composition
             ``"<statistics>+<method>"`` such as ``"unmix_tns+tent"``, ``"auto"`` (chosen
-            from the model's normalization layers; see :func:`choose_method`), or a parsed :class:`tta.MethodSpec` (its
+            from the model's normalization layers and announced with an :class:`AutoChoice`
+            warning; see :func:`choose_method`), or a parsed :class:`tta.MethodSpec` (its
             hyperparameters and stream count; then pass no ``hparams``).
         inplace: adapt ``model`` itself; by default a deep copy is adapted and the caller's
             object stays untouched.
@@ -273,7 +291,7 @@ def adapt(
     reason = None
     if method == "auto":
         method, reason = choose_method(model)
-        logger.info("tta.adapt: method='auto' chose %r (%s)", method, reason)
+        _announce_auto_choice(method, reason)
     if isinstance(method, MethodSpec) and method.num_streams != num_streams:
         raise ValueError(f"the MethodSpec was parsed for num_streams={method.num_streams}, adapt got {num_streams}")
     built = MethodSpec.parse(method, hparams, num_streams=num_streams).build(seed)

@@ -128,7 +128,13 @@ class PreflightFailed(SystemExit):
 
 
 class PreflightChecks(Callback):
-    """Hydra callback: check every config before the first job runs (``hydra.callbacks``)."""
+    """Hydra callback: check every config before the first job runs (``hydra.callbacks``), and
+    say at the end of a sweep how many of *its* runs finished (a sweep folder may also hold the
+    runs of earlier sweeps)."""
+
+    def __init__(self) -> None:
+        #: run keys of the current sweep's jobs (known for the BasicSweeper's sweeps)
+        self.sweep_keys: set[str] | None = None
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
@@ -145,11 +151,13 @@ class PreflightChecks(Callback):
         except Exception as error:  # noqa: BLE001 - the sweeper reports composition errors itself
             logger.debug("pre-flight composition skipped: %s", error)
             return
+        keys = set()
         for overrides, job_config in jobs:
             try:
-                check_config(job_config)
+                keys.add(check_config(job_config).run_key)
             except BenchConfigError as error:
                 raise PreflightFailed(f"sweep job {' '.join(overrides)}:\n{error}") from None
+        self.sweep_keys = keys
         logger.info("checked the configs of %d sweep jobs", len(jobs))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -157,7 +165,14 @@ class PreflightChecks(Callback):
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
         finished = scan_runs([sweep_dir]).finished
+        report = f"report: python -m benchmarks.report {sweep_dir}"
+        if self.sweep_keys is None:  # jobs unknown (another sweeper): the folder's count
+            logger.info("sweep finished: %d finished runs in %s; %s", len(finished), sweep_dir, report)
+            return
+        ours = sum(record.get("run_key") in self.sweep_keys for record in finished)
+        earlier = len(finished) - ours
         logger.info(
-            "sweep finished: %d finished runs in %s; report: python -m benchmarks.report %s",
-            len(finished), sweep_dir, sweep_dir,
+            "sweep finished: %d of its %d runs finished in %s%s; %s",
+            ours, len(self.sweep_keys), sweep_dir,
+            f" (and {earlier} finished runs of earlier sweeps)" if earlier else "", report,
         )

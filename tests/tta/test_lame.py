@@ -149,6 +149,11 @@ def test_lame_hparams_are_validated():
         tta.adapt(bn_cnn(), "lame", feature_layer="no.such.layer")
 
 
+def test_a_wrong_feature_layer_names_the_parameter_and_the_accepted_values():
+    with pytest.raises(ValueError, match=r"feature_layer='no\.such\.layer' is not a module.*None.*e\.g\. '5', '7'"):
+        tta.adapt(bn_cnn(), "lame", feature_layer="no.such.layer")
+
+
 # -- features ----------------------------------------------------------------------------------
 def _count_forwards(model: nn.Module) -> list[int]:
     calls: list[int] = []

@@ -64,6 +64,11 @@ def linear_affinity(features: torch.Tensor, knn: int) -> torch.Tensor:
     return features @ features.transpose(-1, -2)
 
 
+class FeatureLayerError(ValueError, AttributeError):
+    """``feature_layer`` names no module of the model. A ``ValueError`` like every other bad
+    hyperparameter, and an ``AttributeError`` as torch's ``get_submodule`` raised before."""
+
+
 AFFINITIES = {"knn": knn_affinity, "rbf": rbf_affinity, "linear": linear_affinity}
 
 
@@ -142,8 +147,16 @@ class LAME(Method):
         if self._layer is None:
             found = find_classifier(model)
             self._layer = found[0] if found is not None else None
-        else:
-            model.get_submodule(self._layer)  # fail at wrap time on a wrong name
+            return model
+        names = [name for name, _ in model.named_modules() if name]
+        if self._layer not in names:  # fail at wrap time on a wrong name
+            linear = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+            examples = ", ".join(repr(name) for name in (linear or names)[:8])
+            raise FeatureLayerError(
+                f"method 'lame': feature_layer={self._layer!r} is not a module of the model; accepted values: "
+                f"None (the classifier is found automatically) or the qualified name of the layer whose "
+                f"input are the features, e.g. {examples}"
+            )
         return model
 
     def step(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
