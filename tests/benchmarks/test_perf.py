@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 
-import pytest
 import torch
 
 from benchmarks.perf import main
@@ -86,7 +85,6 @@ def test_vit_has_no_statistics_methods_but_runs_tent(tmp_path):
 
 
 def test_corruption_and_multistream_sections(tmp_path):
-    pytest.importorskip("benchmarks.corruptions")
     results = main(
         TINY
         + [

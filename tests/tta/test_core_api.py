@@ -11,9 +11,8 @@ import torch
 from torch import nn
 
 import tta
-from tta.layers.bcn import BatchChannelNorm2d
-
 from tests.conftest import batches, small_bn_cnn
+from tta.layers.bcn import BatchChannelNorm2d
 
 STATISTICS_METHODS = ["norm", "alpha_bn", "unmix_tns"]
 STATEFUL = [("norm", {"momentum": 0.2}), ("unmix_tns", {"k": 4})]

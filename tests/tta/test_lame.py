@@ -162,7 +162,7 @@ def _count_forwards(model: nn.Module) -> list[int]:
 
 
 def test_features_of_timm_models_are_pre_logits():
-    timm = pytest.importorskip("timm")
+    import timm
     for model in (
         timm.create_model("resnet18", num_classes=7),
         timm.create_model("vit_tiny_patch16_224", num_classes=7, img_size=32, patch_size=8, embed_dim=24, depth=1, num_heads=2),
@@ -179,7 +179,7 @@ def test_features_of_timm_models_are_pre_logits():
 
 
 def test_features_of_torchvision_models():
-    torchvision = pytest.importorskip("torchvision")
+    import torchvision
     resnet = torchvision.models.resnet18(num_classes=4).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
