@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from benchmarks.app.errors import BenchConfigError
+from benchmarks.app.identity import plain_values
 from benchmarks.app.schema import AppConfig, EvalConfig, ModelConfig, PathsConfig, RuntimeConfig
 from tta.registry import UnknownMethod, available_methods
 from tta.spec import MethodSpec
@@ -78,13 +78,13 @@ class RunSpec:
             typed: AppConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
         except Exception as error:  # noqa: BLE001 - OmegaConf's interpolation/validation errors
             raise BenchConfigError(f"invalid benchmark config: {error}") from None
-        stream_values = _plain(dataclasses.asdict(typed.stream))
+        stream_values = plain_values(dataclasses.asdict(typed.stream))
         dataset = typed.dataset
         stream, stream_error = None, None
         try:
             stream = StreamConfig(
                 dataset=dataset.name,
-                source=_plain(dataset.source),
+                source=plain_values(dataset.source),
                 data_root=dataset.data_root,
                 split=dataset.split,
                 image_size=dataset.image_size,
@@ -93,7 +93,7 @@ class RunSpec:
             )
         except (ValueError, TypeError) as error:
             stream_error = str(error)
-        method, hparams = str(typed.method.name), dict(_plain(typed.method.hparams))
+        method, hparams = str(typed.method.name), dict(plain_values(typed.method.hparams))
         method_spec, method_error = None, None
         try:
             method_spec = MethodSpec.parse(method, hparams, num_streams=_num_streams(typed.eval, stream))
@@ -130,14 +130,6 @@ class RunSpec:
 
 def _num_streams(eval_config: EvalConfig, stream: Any) -> int:
     return len(stream.domains) if eval_config.multi_stream and stream is not None else 1
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value.value if isinstance(value, Enum) else value
 
 
 def _task_overrides() -> tuple[str, ...]:
