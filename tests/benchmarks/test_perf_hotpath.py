@@ -17,6 +17,7 @@ from tta.layers.base import AdaptiveNorm
 from tta.layers.bcn import convert_to_bcn_ws
 from tta.methods import base
 from tta.registry import method_class
+from tta.spec import split_name
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -69,7 +70,7 @@ def _live_tensor_count() -> int:
 def test_repeated_steps_keep_no_graph_and_no_garbage():
     """A long stream must not accumulate autograd graphs, staged updates or tensors."""
     methods = STATISTICS + [("tent", {}), ("unmix_tns+tent", {}), ("unmix_tns", {"num_streams": 2})]
-    models = [tta.adapt(model_for(method.split("+")[0]), method, **hparams) for method, hparams in methods]
+    models = [tta.adapt(model_for(split_name(method)[0]), method, **hparams) for method, hparams in methods]
     x = inputs(batch=8, size=8)
     for adapted in models:
         for _ in range(3):

@@ -56,6 +56,24 @@ def test_auto_picks_from_the_normalization_layers_and_says_so(caplog):
     assert bcn_adapted(torch.randn(8, 3, 6, 6)).shape == (8, 3)
 
 
+def test_the_registry_imports_no_method_module():
+    """The package imports the methods (tta/methods/__init__.py); the registry stays a leaf
+    that method modules import, so there is no import loop through it."""
+    import ast
+    import pathlib
+
+    import tta.registry
+
+    tree = ast.parse(pathlib.Path(tta.registry.__file__).read_text())
+    runtime_imports = [
+        node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
+    ]  # module level only: the TYPE_CHECKING block is an ast.If
+    names = [alias.name for node in runtime_imports for alias in node.names] + [
+        node.module or "" for node in runtime_imports if isinstance(node, ast.ImportFrom)
+    ]
+    assert not [name for name in names if name.startswith("tta")], names
+
+
 def test_auto_tells_a_user_without_logging_what_it_chose(capsys):
     """No logging configured: the choice still reaches the user, once per call site, as an
     AutoChoice warning (a UserWarning, printed to stderr by Python's default filters)."""

@@ -31,6 +31,7 @@ import tta
 from tests.conftest import batches, small_bcn_cnn, small_bn_cnn, small_gn_cnn
 from tta.methods.base import OBJECTIVE, OUTPUT, STATISTICS
 from tta.registry import method_class
+from tta.spec import split_name
 
 ROOT = Path(__file__).resolve().parents[2]
 #: small enough that a step is milliseconds, large enough that every part of a method runs:
@@ -75,8 +76,9 @@ def data(n: int = 6, seed: int = 1) -> list[torch.Tensor]:
 def make(method: str, kind: str) -> tta.Adapted:
     torch.manual_seed(0)  # the convolutions' initial weights
     model = {"bn": small_bn_cnn, "gn": small_gn_cnn, "bcn": small_bcn_cnn}[kind](width=8)
-    hparams = dict(HPARAMS.get(method.split("+")[-1], {}))
-    if method.split("+")[-1] == "eata":
+    last = split_name(method)[-1]
+    hparams = dict(HPARAMS.get(last, {}))
+    if last == "eata":
         hparams["fisher_loader"] = data(2, seed=7)
     return tta.adapt(model, method, **hparams)
 
