@@ -16,6 +16,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any, Mapping
 
 from tta.hyperparams import Hyperparameter, check_hparams, describe_hparams
+from tta.methods.composite import Composite, check_parts
 from tta.registry import method_class
 
 if TYPE_CHECKING:
@@ -95,6 +96,8 @@ class MethodSpec:
         implicit = len(classes) == 1 and classes[0].default_statistics is not None
         if implicit:
             classes = [method_class(classes[0].default_statistics), classes[0]]  # type: ignore[arg-type]
+        if len(classes) == 2:
+            check_parts(*classes)
         for klass in classes:
             klass.check_streams(num_streams)
         routed = _route(classes, dict(hparams or {}))
@@ -120,7 +123,6 @@ class MethodSpec:
         """The method, ready for ``convert``. ``seed`` seeds its generator (the parts of a
         composition share it); None is :data:`tta.methods.base.DEFAULT_SEED`."""
         from tta.methods.base import DEFAULT_SEED
-        from tta.methods.composite import Composite
 
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed must be an integer, got {seed!r} ({type(seed).__name__})")

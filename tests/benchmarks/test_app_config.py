@@ -124,6 +124,7 @@ def test_bad_overrides_fail_in_composition(override: str, message: str) -> None:
         (["method=unmix_tns", "+method.hparams.k=abc"], "hyperparameter k must be an integer (>= 1), got 'abc'"),
         (["method=unmix_tns", "+method.hparams.kk=3"], "unknown hyperparameter"),
         (["method=unmix_tns", "+method.hparams.k=0"], "k must be a positive integer"),
+        (["method.name=norm+unmix_tns"], "cannot stack two statistics methods"),  # before any run
         (["stream.domains=[gaussian_noise,fgo]"], "unknown domain(s) ['fgo']"),
         (["eval.multi_stream=true"], "needs stream.schedule=reset_each_shift"),
         (["stream.severities=[6]"], "severities must be"),

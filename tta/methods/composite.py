@@ -11,6 +11,15 @@ from tta.methods.base import STATISTICS, Method
 from tta.surgery import find_norm_layers
 
 
+def check_parts(statistics: Any, method: Any) -> None:
+    """Raise ``ValueError`` unless ``statistics`` (a method or its class) is a statistics
+    method and ``method`` is not one."""
+    if statistics.role != STATISTICS:
+        raise ValueError(f"the first part of a composition must be a statistics method, got {statistics.name!r}")
+    if method.role == STATISTICS:
+        raise ValueError(f"cannot stack two statistics methods ({statistics.name!r}, {method.name!r})")
+
+
 class Composite(Method):
     """``"<statistics>+<method>"``: convert with both (statistics first), step with the second.
 
@@ -18,14 +27,7 @@ class Composite(Method):
     ``state_dict()`` and ``.to()`` visit."""
 
     def __init__(self, statistics: Method, method: Method, *, implicit: bool = False, seed: int | None = None) -> None:
-        if statistics.role != STATISTICS:
-            raise ValueError(
-                f"the first part of a composition must be a statistics method, got {statistics.name!r}"
-            )
-        if method.role == STATISTICS:
-            raise ValueError(
-                f"cannot stack two statistics methods ({statistics.name!r}, {method.name!r})"
-            )
+        check_parts(statistics, method)
         self.statistics = statistics
         self.method = method
         # An objective used alone ("tent") runs on its default statistics method ("norm") when

@@ -273,6 +273,7 @@ class StateGuard:
         self.trees: list[tuple[Any, str, Any, Any]] = []
         self.objects: list[tuple[Any, Any, Callable[[Any], Any], Callable[[Any, Any], None]]] = []
         generators = {id(g): g for m in methods for g in m.generators()}
+        generators.update({id(v): v for m in methods for v in m.declared_state().values() if isinstance(v, torch.Generator)})
         self.generators = [(g, g.get_state()) for g in generators.values()]
         self._drawn = [bytes(saved.numpy()) for _, saved in self.generators]
         self._failed: bool | None = None
