@@ -18,6 +18,7 @@ import torch
 import tta
 from benchmarks.perf.models import MODELS, build_model
 from benchmarks.perf.timing import paired_ratio, peak_memory_bytes, time_interleaved
+from tta.registry import UnknownMethod
 
 PLAIN = "plain"
 
@@ -82,12 +83,10 @@ def build_variants(
     skipped: dict[str, str] = {}
     for name in methods:
         try:
-            spec = tta.MethodSpec.parse(name)
-        except ValueError:
+            adapted = tta.adapt(model, name)
+        except UnknownMethod:
             skipped[name] = "n/a: method not registered in this checkout"
             continue
-        try:
-            adapted = tta.adapt(model, spec)
         except ValueError as error:
             skipped[name] = f"n/a: {_na_reason(error)}"
             continue
