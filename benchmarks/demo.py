@@ -2,7 +2,7 @@
 
 Trains (or reuses from the cache) the small digits CNN, builds corrupted test streams of the
 built-in digits data (no download) in two label orders, i.i.d. and class-sorted, and prints
-the online error (predict-then-adapt, ``ALGORITHMS.md`` §9.4) of each method per
+the online error (predict-then-adapt, docs/METHODS.md §9.4) of each method per
 corruption. Runs in well under 3 minutes on 2 CPU cores.
 
     python -m benchmarks.demo [--methods source norm alpha_bn unmix_tns rbn auto] [--replays 2]

@@ -40,13 +40,11 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import math
 import platform
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from enum import Enum
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -55,10 +53,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from benchmarks.files import json_ready
+
 PROTOCOL_SCHEMA = "tta-protocol"
 PROTOCOL_VERSION = 1
 
-#: Headline metric of the test-time benchmarks (ALGORITHMS.md §9.4).
+#: Headline metric of the test-time benchmarks (docs/METHODS.md §9.4).
 ONLINE_ERROR = "online_error"
 ONLINE_ERROR_DEFINITION = (
     "online (predict-then-adapt) error: every sample is predicted once, by the forward call "
@@ -179,7 +179,7 @@ class _Record:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values (tuples become lists), ready for a record."""
-        return canonical(dataclasses.asdict(self))  # type: ignore[call-overload]
+        return json_ready(dataclasses.asdict(self))  # type: ignore[call-overload]
 
     def fingerprint(self) -> str:
         return fingerprint_of(self.to_dict())
@@ -277,6 +277,8 @@ def harness_protocol(record: Mapping[str, Any]) -> HarnessProtocol:
         setting={key: config.get(key) for key in setting_keys},
         metric=MetricProtocol(
             name="A_auc,A_last,A_avg,F_last",
+            # recorded text, part of the fingerprint of existing records: the section is now
+            # docs/METHODS.md §9.5
             definition="Si-Blurry's online metrics (ALGORITHMS.md §9.5) on the hidden test set, seen classes only",
             averaging="A_auc: mean of the accuracy measured every eval_period samples; A_avg: mean over task ends",
             window=config.get("eval_period"),
@@ -302,29 +304,10 @@ class PerfProtocol(_Record):
     version: int = PROTOCOL_VERSION
 
 
-# -- canonical form, fingerprint and comparison ------------------------------------------------
-def canonical(value: Any) -> Any:
-    """JSON-ready form: tuples -> lists, mappings -> dicts with str keys, non-finite -> None."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return canonical(dataclasses.asdict(value))
-    if isinstance(value, Mapping):
-        return {str(k): canonical(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [canonical(v) for v in value]
-    if isinstance(value, Enum):
-        return canonical(value.value)
-    if isinstance(value, str):
-        return str(value)  # plain str: subclasses such as torch's TorchVersion do not unpickle safely
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
+# -- fingerprint and comparison ------------------------------------------------
 def fingerprint_of(block: Mapping[str, Any]) -> str:
     """sha256 of the canonical JSON of a protocol block (or any block of plain values)."""
-    blob = json.dumps(canonical(block), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    blob = json.dumps(json_ready(block), sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -336,7 +319,7 @@ def flatten(block: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         if isinstance(value, Mapping) and value:
             out.update(flatten(value, name + "."))
         else:
-            out[name] = canonical(value)
+            out[name] = json_ready(value)
     return out
 
 
@@ -406,9 +389,9 @@ def normalization_layers(model: nn.Module) -> tuple[str, ...]:
 
 
 def resolved_hparams(method: Any) -> dict[str, dict[str, Any]]:
-    """Every hyperparameter a built :class:`tta.methods.base.Method` uses, per part."""
-    parts = [method.statistics, method.method] if hasattr(method, "statistics") and hasattr(method, "method") else [method]
-    return {str(part.name): canonical(dataclasses.asdict(part.hparams)) for part in parts}
+    """Every hyperparameter a method uses, per part (of a built :class:`tta.methods.base.Method`
+    or a parsed :class:`tta.MethodSpec`: both list their parts, compositions included)."""
+    return {str(name): json_ready(values) for name, values in method.hparams_by_part().items()}
 
 
 @lru_cache(maxsize=1)

@@ -30,7 +30,7 @@ from pathlib import Path
 from benchmarks.app.aggregate import build_table, markdown, summary_csv
 from benchmarks.app.compare import group_runs
 from benchmarks.app.records import RECORD_NAME, scan_runs
-from benchmarks.evaluation.writers import atomic_write_text
+from benchmarks.files import atomic_write_text
 
 logger = logging.getLogger("benchmarks.report")
 

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 import benchmarks.app  # noqa: F401  (registers the tta.* resolvers)
 from benchmarks.app.records import RECORD_NAME, scan_runs
 from benchmarks.app.selection import SelectError, Selection, markdown, rule_json, select, streams_csv, summary_csv
-from benchmarks.evaluation.writers import atomic_write_text
+from benchmarks.files import atomic_write_text
 
 logger = logging.getLogger("benchmarks.select")
 

@@ -52,7 +52,7 @@ def convert_norm(model: nn.Module, norm: NormKind, **options: Any) -> nn.Module:
     * ``"adab2n"``: :func:`convert_to_adab2n`; options ``num_tasks`` (required), ``kappa``,
       ``init_weight``.
     * ``"bcn_ws"``: batch-channel normalization with weight-standardised convolutions through
-      :func:`tta.layers.bcn.convert_to_bcn_ws` (Qiao et al., arXiv 1903.10520; ALGORITHMS.md
+      :func:`tta.layers.bcn.convert_to_bcn_ws` (Qiao et al., arXiv 1903.10520; docs/METHODS.md
       §7); options are passed on.
     """
     if norm == "bn":

@@ -2,7 +2,7 @@
 
 ``reduced_resnet18`` is the CIFAR-style ResNet-18 (3x3 stem, no max-pool, BasicBlocks
 [2, 2, 2, 2]) with ``nf`` base channels: nf = 64 is the mammoth backbone of the AdaB²N
-experiments (Lyu et al., NeurIPS 2023; ALGORITHMS.md §6), nf = 20 the "reduced ResNet-18"
+experiments (Lyu et al., NeurIPS 2023; docs/METHODS.md §6), nf = 20 the "reduced ResNet-18"
 of GEM / online CL papers. ``small_cnn`` is a 4-block CNN for tests and quick demos. Every
 normalization layer is ``nn.BatchNorm2d`` so that :func:`continual.convert.convert_norm`
 can swap it.

@@ -3,7 +3,7 @@
 ``NormalizationPlugin("adab2n", num_tasks=5, kappa=0.4, lambd=0.1)`` added to any Avalanche
 strategy that forwards one (replay-augmented) batch per step — ``Naive``, ``Replay``,
 ``Naive`` + ``ReplayPlugin`` — turns its model's BatchNorm2d layers into AdaB²N (Lyu et al.,
-NeurIPS 2023; ALGORITHMS.md §6) and then, like the official ER-ACE / DER++ loops:
+NeurIPS 2023; docs/METHODS.md §6) and then, like the official ER-ACE / DER++ loops:
 
 * before every training forward, gives the layers the task of every sample in the batch
   (the task in which the sample's class was first seen, or ``class_to_task``), so that the

@@ -5,7 +5,7 @@
 * :func:`split_cifar10` — class-incremental Split CIFAR-10 from the shared JPEG tarballs
   (:func:`benchmarks.data.folder.cifar10_jpeg`).
 * :func:`si_blurry_benchmark` — Si-Blurry task streams (Moon et al., ICCV 2023;
-  ALGORITHMS.md §9.5) from :func:`benchmarks.streams.si_blurry.si_blurry_split`.
+  docs/METHODS.md §9.5) from :func:`benchmarks.streams.si_blurry.si_blurry_split`.
 * :func:`online_stream` — the online protocol: a stream cut into small experiences that keep
   their task boundaries, as AdaB²N and the task-end metrics need.
 
@@ -137,7 +137,7 @@ def si_blurry_benchmark(
     seed: int = 1,
     stochastic: bool = True,
 ) -> CLScenario:
-    """Si-Blurry tasks as an Avalanche scenario (ALGORITHMS.md §9.5).
+    """Si-Blurry tasks as an Avalanche scenario (docs/METHODS.md §9.5).
 
     ``train_stream[t]`` holds task t's samples in the splitter's presentation order (cut it
     with :func:`online_stream` and ``shuffle=False`` to keep that order). ``test_stream[t]``

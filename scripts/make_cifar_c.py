@@ -5,7 +5,7 @@ Hendrycks & Dietterich (ICLR 2019) released CIFAR-10-C as ``CIFAR-10-C/<corrupti
 (uint8, ``(5 * N, 32, 32, 3)``, severity-major: severity ``s`` fills rows
 ``(s - 1) * N .. s * N - 1``) plus ``labels.npy`` (the ``N`` test labels repeated five
 times). This script writes the same layout from any source of 32x32 images, using
-``benchmarks.corruptions`` (spec ``ALGORITHMS.md`` §9.1) and the official truncating
+``benchmarks.corruptions`` (docs/METHODS.md §9.1) and the official truncating
 8-bit output. ``benchmarks.data.load_cifar_c`` reads generated and official files alike.
 
 Severity subsets: every file always has five severity blocks; blocks not generated stay
@@ -46,7 +46,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 from benchmarks.corruptions import CORRUPTIONS, SEVERITIES, corrupt_uint8  # noqa: E402
 from benchmarks.data import ImageArrays, cifar10_jpeg, load_cifar, load_digits  # noqa: E402
 from benchmarks.data.corrupted import CIFAR_C_DIRS, GENERATION_SIDECAR, N_SEVERITIES, file_digest  # noqa: E402
-from benchmarks.evaluation.writers import atomic_write_text  # noqa: E402
+from benchmarks.files import atomic_write_text  # noqa: E402
 from benchmarks.protocol import code_sha256  # noqa: E402
 
 SOURCES = ("cifar10-jpeg", "cifar10", "cifar100", "digits")

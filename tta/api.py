@@ -6,6 +6,7 @@ import contextlib
 import copy
 import logging
 import threading
+import warnings
 from typing import Any, Iterator
 
 import torch
@@ -16,7 +17,8 @@ from tta.layers.base import AdaptiveNorm, commit_layers
 from tta.layers.bcn import BatchChannelNorm2d
 from tta.methods.balanced_bn import infer_num_classes
 from tta.methods.base import DEFAULT_SEED, Method
-from tta.registry import available_methods, build_method
+from tta.registry import available_methods
+from tta.spec import MethodSpec
 from tta.surgery import find_norm_layers, is_group_or_layer_norm
 from tta.validation import check_batch, infer_input_ndim, model_dtype
 
@@ -84,8 +86,8 @@ class Adapted(nn.Module):
     * A failing step (bad input, an exception inside the model) leaves the state unchanged.
     * A batch whose input, output or new method state holds NaN/Inf changes nothing: the
       statistics of its streams are not committed, and the method's guarded state
-      (parameters, optimizer state, registered method state; see
-      :class:`tta.methods.base.StateGuard`) is put back. The step's output is returned as
+      (parameters, optimizer state, declared method state; see
+      :class:`tta.methods.state.StateGuard`) is put back. The step's output is returned as
       computed, so it is non-finite too. Decided on the device, without a host
       synchronisation.
     * Steps and predictions run with autograd enabled and outside ``torch.inference_mode``
@@ -143,8 +145,7 @@ class Adapted(nn.Module):
             except BaseException:
                 for layer in layers:
                     layer.discard()
-                if guard:
-                    guard.restore(torch.zeros((), dtype=torch.bool, device=x.device))
+                guard.rollback()
                 raise
             if any(layer._pending for layer in layers):
                 # a stream whose input holds NaN/Inf keeps its statistics, even where the
@@ -217,9 +218,25 @@ class Adapted(nn.Module):
         return f"method={self.method.describe()}"
 
 
+class AutoChoice(UserWarning):
+    """What ``method="auto"`` chose for a model, and why (shown once per call site)."""
+
+
+def _announce_auto_choice(method: str, reason: str) -> None:
+    """Tell the user what ``auto`` chose even when no logging is configured: a warning, which
+    Python shows once per call site (filter :class:`AutoChoice` to silence it), and the log."""
+    logger.info("tta.adapt: method='auto' chose %r (%s)", method, reason)
+    warnings.warn(
+        f"tta.adapt: method='auto' chose {method!r} ({reason}); model.method_name and model.auto_reason "
+        f"keep the choice, pass method={method!r} to make it explicit",
+        AutoChoice,
+        stacklevel=3,
+    )
+
+
 def adapt(
     model: nn.Module,
-    method: str = "auto",
+    method: str | MethodSpec = "auto",
     *,
     inplace: bool = False,
     num_streams: int = 1,
@@ -233,8 +250,10 @@ def adapt(
     Args:
         model: any classifier (timm, torchvision or a user's ``nn.Module``).
         method: a name from :func:`tta.available_methods`, a composition
-            ``"<statistics>+<method>"`` such as ``"unmix_tns+tent"``, or ``"auto"`` (chosen
-            from the model's normalization layers; see :func:`choose_method`).
+            ``"<statistics>+<method>"`` such as ``"unmix_tns+tent"``, ``"auto"`` (chosen
+            from the model's normalization layers and announced with an :class:`AutoChoice`
+            warning; see :func:`choose_method`), or a parsed :class:`tta.MethodSpec` (its
+            hyperparameters and stream count; then pass no ``hparams``).
         inplace: adapt ``model`` itself; by default a deep copy is adapted and the caller's
             object stays untouched.
         num_streams: S independent streams in one batched forward; each batch holds S
@@ -272,8 +291,10 @@ def adapt(
     reason = None
     if method == "auto":
         method, reason = choose_method(model)
-        logger.info("tta.adapt: method='auto' chose %r (%s)", method, reason)
-    built = build_method(method, num_streams=num_streams, seed=seed, **hparams)
+        _announce_auto_choice(method, reason)
+    if isinstance(method, MethodSpec) and method.num_streams != num_streams:
+        raise ValueError(f"the MethodSpec was parsed for num_streams={method.num_streams}, adapt got {num_streams}")
+    built = MethodSpec.parse(method, hparams, num_streams=num_streams).build(seed)
     target = model if inplace else copy.deepcopy(model)
     target.eval()
     if input_ndim == _INFER:

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-#: Methods listed first in tables, in this order; the rest follow alphabetically.
-METHOD_ORDER = ("source", "norm", "alpha_bn", "bcn", "unmix_tns", "tent", "sar", "lame")
+from tta.registry import registered_methods
+from tta.spec import split_name
 
 
 def _key(setting: dict[str, Any]) -> tuple[tuple[str, str], ...]:
@@ -101,10 +101,17 @@ class Table:
 
 
 def _method_sort_key(label: str) -> tuple[int, str]:
+    """Registry order (:func:`tta.registered_methods`): methods alone first, then compositions
+    by their second part; names the registry does not know (older runs) last, by label."""
+    order = registered_methods()
     name = label.split("(")[0]
-    base = name.split("+")[-1]
-    rank = METHOD_ORDER.index(name) if name in METHOD_ORDER else len(METHOD_ORDER) + (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER))
-    return rank, label
+    try:
+        base = split_name(name)[-1]
+    except ValueError:
+        base = name
+    if name in order:
+        return order.index(name), label
+    return len(order) + (order.index(base) if base in order else len(order)), label
 
 
 def build_table(records: list[dict[str, Any]]) -> Table:

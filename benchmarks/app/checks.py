@@ -3,7 +3,8 @@
 Hydra's schema (:mod:`benchmarks.app.schema`) already rejects wrong types and unknown keys.
 What it cannot know is what the code registers: the method name (methods register
 themselves in :mod:`tta`, so the method group is data-driven), the method's hyperparameter
-names and types (its ``Hparams`` dataclass), the corruption names, and whether the model
+names and types (its ``Hparams`` dataclass, checked by :class:`tta.MethodSpec` when the
+:class:`~benchmarks.app.spec.RunSpec` is built), the corruption names, and whether the model
 weights exist. :class:`PreflightChecks` is a Hydra callback that runs
 :func:`check_config` on the single run's config, or on the config of every job of a
 multirun sweep, before the first job is launched.
@@ -17,7 +18,6 @@ are covered too.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -29,73 +29,18 @@ from benchmarks.app.errors import BenchConfigError
 from benchmarks.app.models import check_model_config
 from benchmarks.app.preprocessing import check_preprocessing
 from benchmarks.app.spec import RunSpec
+from tta.spec import MethodSpec
 
 logger = logging.getLogger(__name__)
 
 
-def method_parts(spec: str) -> list[type]:
-    """The method classes behind ``spec`` (``"name"`` or ``"statistics+name"``), including an
-    objective method's implicit statistics method; raises :class:`BenchConfigError`."""
-    import tta
-    from tta.registry import method_class
-
-    available = tta.available_methods()
-    parts = str(spec).split("+")
-    if not spec or len(parts) > 2 or any(not p for p in parts):
-        raise BenchConfigError(f"method.name={spec!r} must be '<method>' or '<statistics>+<method>'")
-    unknown = [p for p in parts if p not in available]
-    if unknown:
-        raise BenchConfigError(
-            f"unknown method {unknown[0]!r} (method.name={spec!r}); registered methods: {', '.join(available)} "
-            "(compositions: '<statistics>+<method>', e.g. 'unmix_tns+tent')"
-        )
-    classes = [method_class(p) for p in parts]
-    if len(classes) == 1 and getattr(classes[0], "default_statistics", None):
-        classes = [method_class(classes[0].default_statistics), classes[0]]
-    return classes
-
-
-def normalize_hparams(spec: str, hparams: dict[str, Any]) -> dict[str, Any]:
-    """Type-check ``hparams`` against the methods' ``Hparams`` dataclasses (OmegaConf's
-    conversion rules: ``8`` for a float field becomes ``8.0``, ``"abc"`` for an int fails)
-    and return them converted. Unknown names are left to :func:`tta.build_method`."""
-    classes = method_parts(spec)
-    out: dict[str, Any] = {}
-    for key, value in hparams.items():
-        prefix, sep, field_name = str(key).partition("__")
-        if not sep:
-            field_name = str(key)
-        owners = [
-            cls for cls in classes
-            if (not sep or cls.name == prefix) and field_name in {f.name for f in dataclasses.fields(cls.Hparams)}
-        ]
-        if len(owners) != 1:
-            out[key] = value  # unknown or ambiguous: build_method words the error
-            continue
-        try:
-            typed = OmegaConf.structured(owners[0].Hparams)
-        except Exception:  # noqa: BLE001 - an Hparams OmegaConf cannot type: skip the type check
-            out[key] = value
-            continue
-        try:
-            typed[field_name] = value
-        except Exception as error:  # noqa: BLE001 - OmegaConf's ValidationError and friends
-            message = str(error).splitlines()[0]
-            raise BenchConfigError(f"method.hparams.{key}={value!r} for method {spec!r}: {message}") from None
-        out[key] = OmegaConf.to_container(typed, resolve=True)[field_name]
-    return out
-
-
 def check_method(spec: str, hparams: dict[str, Any], num_streams: int = 1) -> dict[str, Any]:
-    """Validate a method config; returns the converted hyperparameters."""
-    import tta
-
-    converted = normalize_hparams(spec, hparams)
+    """Validate a method config (:class:`tta.MethodSpec`); returns the hyperparameters
+    converted to their declared types."""
     try:
-        tta.build_method(spec, num_streams=num_streams, **converted)
+        return dict(MethodSpec.parse(spec, hparams, num_streams=num_streams).given)
     except (ValueError, TypeError) as error:
-        raise BenchConfigError(f"method {spec!r} with hparams {converted}: {error}") from None
-    return converted
+        raise BenchConfigError(f"method {spec!r} with hparams {hparams}: {error}") from None
 
 
 def _known_domains(source: str) -> set[str]:
@@ -139,11 +84,7 @@ def check_config(cfg: "DictConfig | RunSpec") -> RunSpec:
     """Raise :class:`BenchConfigError` listing every problem of a config; returns its
     :class:`~benchmarks.app.spec.RunSpec` (built here when given a ``DictConfig``)."""
     spec = RunSpec.from_config(cfg)
-    problems: list[str] = []
-    try:
-        check_method(spec.method, dict(spec.hparams), spec.num_streams)
-    except BenchConfigError as error:
-        problems.append(str(error))
+    problems: list[str] = [] if spec.method_error is None else [spec.method_error]
     config = spec.stream
     if config is None:
         problems.append(f"stream: {spec.stream_error}")
@@ -187,7 +128,13 @@ class PreflightFailed(SystemExit):
 
 
 class PreflightChecks(Callback):
-    """Hydra callback: check every config before the first job runs (``hydra.callbacks``)."""
+    """Hydra callback: check every config before the first job runs (``hydra.callbacks``), and
+    say at the end of a sweep how many of *its* runs finished (a sweep folder may also hold the
+    runs of earlier sweeps)."""
+
+    def __init__(self) -> None:
+        #: run keys of the current sweep's jobs (known for the BasicSweeper's sweeps)
+        self.sweep_keys: set[str] | None = None
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
@@ -204,11 +151,13 @@ class PreflightChecks(Callback):
         except Exception as error:  # noqa: BLE001 - the sweeper reports composition errors itself
             logger.debug("pre-flight composition skipped: %s", error)
             return
+        keys = set()
         for overrides, job_config in jobs:
             try:
-                check_config(job_config)
+                keys.add(check_config(job_config).run_key)
             except BenchConfigError as error:
                 raise PreflightFailed(f"sweep job {' '.join(overrides)}:\n{error}") from None
+        self.sweep_keys = keys
         logger.info("checked the configs of %d sweep jobs", len(jobs))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -216,7 +165,14 @@ class PreflightChecks(Callback):
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
         finished = scan_runs([sweep_dir]).finished
+        report = f"report: python -m benchmarks.report {sweep_dir}"
+        if self.sweep_keys is None:  # jobs unknown (another sweeper): the folder's count
+            logger.info("sweep finished: %d finished runs in %s; %s", len(finished), sweep_dir, report)
+            return
+        ours = sum(record.get("run_key") in self.sweep_keys for record in finished)
+        earlier = len(finished) - ours
         logger.info(
-            "sweep finished: %d finished runs in %s; report: python -m benchmarks.report %s",
-            len(finished), sweep_dir, sweep_dir,
+            "sweep finished: %d of its %d runs finished in %s%s; %s",
+            ours, len(self.sweep_keys), sweep_dir,
+            f" (and {earlier} finished runs of earlier sweeps)" if earlier else "", report,
         )

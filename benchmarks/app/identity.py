@@ -32,13 +32,14 @@ from benchmarks.app.schema import IDENTITY_NEUTRAL_DEFAULTS, NON_IDENTITY_KEYS
 KEY_LENGTH = 10
 
 
-def _plain(value: Any) -> Any:
+def plain_values(value: Any) -> Any:
+    """Config values as plain Python: enums by their value, dicts with str keys, lists."""
     if isinstance(value, Enum):
         return value.value
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain_values(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain_values(v) for v in value]
     return value
 
 
@@ -50,7 +51,7 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
         if key == "hydra" or key in top_excluded:
             continue
         node = cfg[key]  # keeps the parent link, so interpolations to other nodes resolve
-        out[str(key)] = _plain(OmegaConf.to_container(node, resolve=True, enum_to_str=True)) if OmegaConf.is_config(node) else _plain(node)
+        out[str(key)] = plain_values(OmegaConf.to_container(node, resolve=True, enum_to_str=True)) if OmegaConf.is_config(node) else plain_values(node)
     for dotted in NON_IDENTITY_KEYS:
         parent, _, leaf = dotted.rpartition(".")
         if parent and isinstance(out.get(parent), dict):

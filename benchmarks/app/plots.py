@@ -7,14 +7,13 @@ and saved through a temporary file, so a crash never leaves a truncated PNG.
 from __future__ import annotations
 
 import math
-import os
 import textwrap
-import uuid
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.app.aggregate import Table
+from benchmarks.files import atomic_write
 
 
 def _grid(n: int) -> tuple[int, int]:
@@ -27,12 +26,8 @@ def _title(label: str) -> str:
 
 
 def _save(fig, path: Path) -> Path:  # noqa: ANN001 - matplotlib Figure
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path, binary=True) as handle:
+        fig.savefig(handle, dpi=110, bbox_inches="tight", format="png")
     return path
 
 

@@ -13,32 +13,18 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.evaluation.writers import atomic_write_text
+from benchmarks.files import atomic_write_text, json_ready
 
 logger = logging.getLogger(__name__)
 
 RECORD_NAME = "run.json"
 RECORD_FORMAT = "tta-bench-run"
 RECORD_VERSION = 1
-
-
-def jsonable(value: Any) -> Any:
-    """Plain JSON values (NaN/inf become null, as in the evaluation's result files)."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):  # NumPy / torch scalars
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def write_record(out_dir: str | os.PathLike[str], record: dict[str, Any]) -> Path:
@@ -49,7 +35,7 @@ def write_record(out_dir: str | os.PathLike[str], record: dict[str, Any]) -> Pat
         "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **record,
     }
-    return atomic_write_text(Path(out_dir) / RECORD_NAME, json.dumps(jsonable(payload), indent=2, sort_keys=False) + "\n")
+    return atomic_write_text(Path(out_dir) / RECORD_NAME, json.dumps(json_ready(payload), indent=2, sort_keys=False) + "\n")
 
 
 class ForeignRecord(ValueError):
@@ -84,7 +70,7 @@ def load_finished(out_dir: str | os.PathLike[str], identity: dict[str, Any]) -> 
     except ForeignRecord as error:
         logger.warning("ignoring %s", error)
         return None
-    if jsonable(record.get("identity")) != jsonable(identity):
+    if json_ready(record.get("identity")) != json_ready(identity):
         logger.warning("%s belongs to a different config; running again", path)
         return None
     return record

@@ -4,8 +4,10 @@
 
 1. returns the stored summary at once when the run's folder already holds a finished
    ``run.json`` of the same identity (re-running a sweep skips what finished);
-2. checks the config (:func:`benchmarks.app.checks.check_config`);
-3. builds the source model, wraps it with :func:`tta.adapt` and evaluates it online on the
+2. checks the config (:func:`benchmarks.app.checks.check_config`; the method was parsed once,
+   into the :class:`~benchmarks.app.spec.RunSpec`);
+3. builds the source model, wraps it with :func:`tta.adapt` (the one place the method is
+   built) and evaluates it online on the
    stream (:func:`benchmarks.evaluation.evaluate`, or the batched multi-stream evaluation
    with ``eval.multi_stream=true``), with a progress bar; with
    ``runtime.checkpoint_every=N`` it checkpoints every N batches into the run folder and a
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from benchmarks.app.checks import check_config, check_method
+from benchmarks.app.checks import check_config
 from benchmarks.app.errors import BenchConfigError
 from benchmarks.app.fingerprint import build_protocol
 from benchmarks.app.identity import abspath, safe_name
@@ -172,8 +174,9 @@ def run(cfg: DictConfig | RunSpec) -> dict[str, Any]:
     device = spec.device
     stream_cfg = spec.stream
     method = spec.method
-    streams_n = spec.num_streams
-    hparams = check_method(method, dict(spec.hparams), streams_n)
+    method_spec = spec.method_spec
+    assert method_spec is not None  # check_config reported a method that did not parse
+    hparams = dict(method_spec.given)
 
     import tta
     from benchmarks.evaluation import StreamCheckpoint, evaluate, evaluate_multi_stream, write_results
@@ -186,7 +189,7 @@ def run(cfg: DictConfig | RunSpec) -> dict[str, Any]:
     logger.info("run %s-%s: %s on %s (%s)", safe_name(method), key, method_label(method, hparams), model_label(spec.model), out_dir)
     streams = build_domain_streams(stream_cfg) if spec.eval.multi_stream else [build_stream(stream_cfg)]
     # seed: the wrapper's generator, from which methods draw random state (UnMix-TNS)
-    adapted = tta.adapt(model, method, num_streams=streams_n, seed=spec.seed, **hparams)
+    adapted = tta.adapt(model, method_spec, num_streams=method_spec.num_streams, seed=spec.seed)
     protocol = build_protocol(spec, model, adapted.method, streams)
     fingerprint = protocol.fingerprint()
     checkpoint = None

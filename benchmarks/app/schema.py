@@ -154,7 +154,7 @@ class StreamSchema:
     recurrences: int = 1
     seed: int = 1
     corruption_seed: int = 0
-    #: round generated corruptions to 8 bits like the official files (ALGORITHMS.md §9.1)
+    #: round generated corruptions to 8 bits like the official files (docs/METHODS.md §9.1)
     quantize: bool = False
     #: schedule=ccc: the calibration table and the walk (benchmarks/streams/ccc.py)
     walk_table: Optional[str] = None

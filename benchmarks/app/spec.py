@@ -2,7 +2,7 @@
 
 :func:`RunSpec.from_config` turns the ``DictConfig`` of a job into frozen, typed values (the
 schema's dataclasses for the model, the stream's :class:`~benchmarks.streams.StreamConfig`,
-the method's converted hyperparameters, the run identity). The checks, the runner and the
+the method parsed into a :class:`tta.MethodSpec`, the run identity). The checks, the runner and the
 protocol builder read this object; nothing after it converts the ``DictConfig`` again, so
 every helper sees the same values (resolvers such as ``${tta.abspath:}`` are evaluated once).
 """
@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from benchmarks.app.errors import BenchConfigError
+from benchmarks.app.identity import plain_values
 from benchmarks.app.schema import AppConfig, EvalConfig, ModelConfig, PathsConfig, RuntimeConfig
+from tta.registry import UnknownMethod, available_methods
+from tta.spec import MethodSpec
 
 
 @dataclass(frozen=True)
@@ -29,8 +31,12 @@ class RunSpec:
     device: str
     model: ModelConfig
     method: str
-    #: hyperparameters as given in the config (converted and checked by :mod:`checks`)
+    #: hyperparameters as given in the config
     hparams: dict[str, Any]
+    #: the method parsed once (name, parts, checked hyperparameters, streams), or the error
+    #: that prevented parsing it
+    method_spec: MethodSpec | None
+    method_error: str | None
     #: the stream definition, or the error that prevented building it
     stream: Any
     stream_error: str | None
@@ -49,7 +55,7 @@ class RunSpec:
     @property
     def num_streams(self) -> int:
         """Parallel streams: the domains with ``eval.multi_stream``, else 1."""
-        return len(self.stream.domains) if self.eval.multi_stream and self.stream is not None else 1
+        return _num_streams(self.eval, self.stream)
 
     @property
     def run_key(self) -> str:
@@ -72,13 +78,13 @@ class RunSpec:
             typed: AppConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
         except Exception as error:  # noqa: BLE001 - OmegaConf's interpolation/validation errors
             raise BenchConfigError(f"invalid benchmark config: {error}") from None
-        stream_values = _plain(dataclasses.asdict(typed.stream))
+        stream_values = plain_values(dataclasses.asdict(typed.stream))
         dataset = typed.dataset
         stream, stream_error = None, None
         try:
             stream = StreamConfig(
                 dataset=dataset.name,
-                source=_plain(dataset.source),
+                source=plain_values(dataset.source),
                 data_root=dataset.data_root,
                 split=dataset.split,
                 image_size=dataset.image_size,
@@ -87,6 +93,17 @@ class RunSpec:
             )
         except (ValueError, TypeError) as error:
             stream_error = str(error)
+        method, hparams = str(typed.method.name), dict(plain_values(typed.method.hparams))
+        method_spec, method_error = None, None
+        try:
+            method_spec = MethodSpec.parse(method, hparams, num_streams=_num_streams(typed.eval, stream))
+        except UnknownMethod as error:
+            method_error = (
+                f"unknown method {error.name!r} (method.name={method!r}); registered methods: "
+                f"{', '.join(available_methods())} (compositions: '<statistics>+<method>', e.g. 'unmix_tns+tent')"
+            )
+        except (ValueError, TypeError) as error:
+            method_error = f"method {method!r} with hparams {hparams}: {error}"
         resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         assert isinstance(resolved, dict)
         return cls(
@@ -94,8 +111,10 @@ class RunSpec:
             seed=int(typed.seed),
             device=str(typed.device),
             model=typed.model,
-            method=str(typed.method.name),
-            hparams=dict(_plain(typed.method.hparams)),
+            method=method,
+            hparams=hparams,
+            method_spec=method_spec,
+            method_error=method_error,
             stream=stream,
             stream_error=stream_error,
             num_classes=int(dataset.num_classes),
@@ -109,12 +128,8 @@ class RunSpec:
         )
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value.value if isinstance(value, Enum) else value
+def _num_streams(eval_config: EvalConfig, stream: Any) -> int:
+    return len(stream.domains) if eval_config.multi_stream and stream is not None else 1
 
 
 def _task_overrides() -> tuple[str, ...]:

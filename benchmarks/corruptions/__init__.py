@@ -1,7 +1,7 @@
 """The 15 CIFAR-10-C corruptions as batched torch operations (CPU or CUDA).
 
 Hendrycks & Dietterich, "Benchmarking Neural Network Robustness to Common Corruptions and
-Perturbations", ICLR 2019; parameters and reference behaviour in spec ``ALGORITHMS.md``
+Perturbations", ICLR 2019; parameters and reference behaviour in docs/METHODS.md
 §9.1. ``corrupt(images, name, severity, seed=..., sample_ids=...)`` returns float images;
 randomness is per sample and independent of how a dataset is split into batches.
 

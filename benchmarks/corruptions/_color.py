@@ -1,6 +1,6 @@
 """RGB <-> HSV in torch with scikit-image's conventions (``rgb2hsv`` / ``hsv2rgb``).
 
-Used by ``brightness`` (spec ``ALGORITHMS.md`` §9.1 item 11). Hue is in [0, 1); when all
+Used by ``brightness`` (docs/METHODS.md §9.1 row 11). Hue is in [0, 1); when all
 three channels are equal, hue and saturation are 0; ties for the maximum channel resolve
 to blue, then green, then red, as scikit-image's successive masked assignments do.
 """

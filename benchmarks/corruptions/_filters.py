@@ -1,7 +1,7 @@
 """Batched spatial building blocks shared by the corruptions (all on ``(B, C, H, W)`` floats).
 
 Each helper reproduces the boundary handling of the library call it stands in for in the
-official generator (spec ``ALGORITHMS.md`` §9.1), because at 32x32 pixels the border is a
+official generator (docs/METHODS.md §9.1), because at 32x32 pixels the border is a
 large part of the image:
 
 * ``"reflect101"``: OpenCV's default ``BORDER_REFLECT_101`` (``dcb|abcd|cba``), also

@@ -1,7 +1,7 @@
 """A batched baseline-JPEG encode/decode round trip in torch, modelled on libjpeg(-turbo).
 
 ``jpeg_compression`` of CIFAR-10-C (Hendrycks & Dietterich, ICLR 2019; spec
-``ALGORITHMS.md`` §9.1 item 15) re-encodes each image with PIL at a given quality; PIL
+docs/METHODS.md §9.1 row 15) re-encodes each image with PIL at a given quality; PIL
 uses libjpeg-turbo with its defaults. This module reproduces what that pipeline does to the
 pixels, for a whole batch at once on any device:
 

@@ -1,7 +1,7 @@
 """Counter-based per-sample random numbers for the corruptions.
 
 The official CIFAR-10-C generator (Hendrycks & Dietterich, ICLR 2019; spec
-``ALGORITHMS.md`` §9.1) draws from NumPy's global RNG image by image, so a corrupted image
+docs/METHODS.md §9.1) draws from NumPy's global RNG image by image, so a corrupted image
 depends on everything generated before it. Here every random number is a pure function of
 ``(seed, corruption, severity, sample_id, stream, element index)``: a 32-bit integer hash of
 those values. Corrupting images ``[0:64]`` and ``[64:128]`` separately therefore gives the

@@ -9,7 +9,7 @@ import torch
 from benchmarks.corruptions._random import SampleRandom
 
 # The 15 standard corruptions of Hendrycks & Dietterich (ICLR 2019), in the standard order
-# (spec ALGORITHMS.md §9.1); the order also seeds each corruption's random numbers.
+# (docs/METHODS.md §9.1); the order also seeds each corruption's random numbers.
 CORRUPTIONS: tuple[str, ...] = (
     "gaussian_noise",
     "shot_noise",

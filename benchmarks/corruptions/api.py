@@ -22,7 +22,7 @@ def corrupt(
 
     Args:
         images: float ``(B, 3, H, W)`` in [0, 1], on any device (32x32 is what the CIFAR
-            parameters of spec ``ALGORITHMS.md`` §9.1 are meant for).
+            parameters of docs/METHODS.md §9.1 are meant for).
         name: one of :data:`CORRUPTIONS`.
         severity: 1..5.
         seed: global seed; with ``sample_ids`` it fixes every random number.

@@ -1,6 +1,6 @@
 """Blur corruptions: defocus_blur, glass_blur, motion_blur, zoom_blur.
 
-CIFAR-10-C parameters from Hendrycks & Dietterich (ICLR 2019), spec ``ALGORITHMS.md`` §9.1
+CIFAR-10-C parameters from Hendrycks & Dietterich (ICLR 2019), docs/METHODS.md §9.1
 items 4-7.
 """
 

@@ -1,6 +1,6 @@
 """Digital corruptions: brightness, contrast, elastic_transform, pixelate, jpeg_compression.
 
-CIFAR-10-C parameters from Hendrycks & Dietterich (ICLR 2019), spec ``ALGORITHMS.md`` §9.1
+CIFAR-10-C parameters from Hendrycks & Dietterich (ICLR 2019), docs/METHODS.md §9.1
 items 11-15.
 """
 

@@ -1,6 +1,6 @@
 """Noise corruptions: gaussian_noise, shot_noise, impulse_noise.
 
-CIFAR-10-C parameters from Hendrycks & Dietterich (ICLR 2019), spec ``ALGORITHMS.md`` §9.1
+CIFAR-10-C parameters from Hendrycks & Dietterich (ICLR 2019), docs/METHODS.md §9.1
 items 1-3. Every random number comes from :class:`SampleRandom`, so results depend only on
 ``(seed, corruption, severity, sample_id)``.
 """

@@ -6,7 +6,7 @@
   layout and are read the same way.
 * ImageNet-C: ``<root>/<corruption>/<severity>/<class>/*.JPEG``.
 
-Spec ``ALGORITHMS.md`` §9.1.
+Spec: docs/METHODS.md §9.1.
 """
 
 from __future__ import annotations

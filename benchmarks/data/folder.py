@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.data.base import ImageArrays
+from benchmarks.files import atomic_write
 from benchmarks.filelock import exclusive_lock
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -125,21 +126,9 @@ def load_image_folder(
         raise ValueError(f"images in {root} have different sizes {sorted(shapes)[:4]}; pass size=...")
     result = ImageArrays(np.stack(decoded), labels, classes)
     if cache_file is not None:
-        _atomic_savez(cache_file, images=result.images, labels=result.labels, classes=np.asarray(classes))
+        with atomic_write(cache_file, binary=True) as handle:  # concurrent readers never see half of it
+            np.savez(handle, images=result.images, labels=result.labels, classes=np.asarray(classes))
     return result
-
-
-def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
-    """Write an ``.npz`` through a temporary file so concurrent readers never see half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, **arrays)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
 
 
 def cifar10_jpeg(split: str, shared_dir: str | Path | None = None) -> ImageArrays:

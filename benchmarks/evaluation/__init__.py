@@ -24,7 +24,7 @@ from benchmarks.evaluation.multi_stream import check_aligned, evaluate_multi_str
 from benchmarks.evaluation.online import evaluate
 from benchmarks.evaluation.recorder import OnlineRecorder, SampleRecords
 from benchmarks.evaluation.results import ROW_FIELDS, EvalResult
-from benchmarks.evaluation.writers import atomic_write_text, rows_to_csv, write_results
+from benchmarks.evaluation.writers import rows_to_csv, write_results
 
 __all__ = [
     "DEFAULT_ECE_BINS",
@@ -35,7 +35,6 @@ __all__ = [
     "PeakMemory",
     "SampleRecords",
     "StreamCheckpoint",
-    "atomic_write_text",
     "calibration_bins",
     "check_aligned",
     "error_rate",

@@ -1,7 +1,7 @@
 """Mid-stream checkpoints: continue a killed online run where it stopped, bit for bit.
 
-A :class:`StreamCheckpoint` is written every ``every`` batches (atomically: temporary file
-in the same folder, fsync, ``os.replace``), so a process killed at any point, even during a
+A :class:`StreamCheckpoint` is written every ``every`` batches (atomically,
+:func:`benchmarks.files.atomic_write`), so a process killed at any point, even during a
 write, leaves either no checkpoint or a complete one. It holds
 
 * the adapted model's ``state_dict`` (statistics, parameters and, through the ``Adapted``
@@ -22,13 +22,14 @@ from __future__ import annotations
 import os
 import random
 import time
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from benchmarks.files import atomic_torch_save
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "tta-stream-checkpoint"
@@ -109,22 +110,6 @@ def set_rng_state(state: Mapping[str, Any], generators: Generators | None = None
             generator.set_state(saved[name]["state"])
         else:
             generator.bit_generator.state = _restore_bit_generator(saved[name]["state"])
-
-
-# -- the file ------------------------------------------------------------------------------------
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` through a temporary file in the same folder, fsync, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 class StreamCheckpoint:

@@ -1,4 +1,4 @@
-"""Online error and calibration metrics on per-sample records (ALGORITHMS.md §9.4).
+"""Online error and calibration metrics on per-sample records (docs/METHODS.md §9.4).
 
 Every function takes plain per-sample arrays, so metrics are computed once, after the
 stream, from exactly the predictions made online.

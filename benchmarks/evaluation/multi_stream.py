@@ -1,4 +1,4 @@
-"""Batched multi-stream evaluation: S independent streams through one model call per step.
+"""Online evaluation of S streams through one model call per step (S = 1: :func:`evaluate`).
 
 At step k the k-th batches of the S streams are concatenated in stream-major order (rows
 ``s*B:(s+1)*B`` belong to stream s) and passed to a model built with
@@ -20,20 +20,63 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from benchmarks.evaluation.checkpoint import CheckpointMismatch, StreamCheckpoint
 from benchmarks.evaluation.memory import PeakMemory, synchronize
 from benchmarks.evaluation.metrics import DEFAULT_ECE_BINS
-from benchmarks.evaluation.checkpoint import CheckpointMismatch, StreamCheckpoint
-from benchmarks.evaluation.online import Model, batches_from, resume_from, resolve_reset, stream_config, stream_device
 from benchmarks.evaluation.recorder import OnlineRecorder
 from benchmarks.evaluation.results import EvalResult
 from benchmarks.streams.stream import Batch
+
+Model = Callable[[torch.Tensor], torch.Tensor]
+
+
+def resolve_reset(model: Model, reset: Callable[[], Any] | None) -> Callable[[], Any] | None:
+    """The reset to call on flagged batches: the explicit one, else ``model.reset``."""
+    if reset is not None:
+        return reset
+    candidate = getattr(model, "reset", None)
+    return candidate if callable(candidate) else None
+
+
+def batches_from(stream: Iterable[Batch], position: int) -> Iterator[Batch]:
+    """The stream's batches from index ``position`` on (random access where the stream has it)."""
+    if position == 0:
+        yield from stream
+    elif hasattr(stream, "batch") and hasattr(stream, "__len__"):
+        for index in range(position, len(stream)):  # type: ignore[arg-type]
+            yield stream.batch(index)  # type: ignore[attr-defined]
+    else:  # a plain iterable: rebuild and skip the batches already evaluated
+        yield from itertools.islice(stream, position, None)
+
+
+def resume_from(checkpoint: StreamCheckpoint | None, model: Model) -> dict[str, Any] | None:
+    """Restore ``model`` and the RNGs from ``checkpoint`` when it holds a run to continue."""
+    if checkpoint is None:
+        return None
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError("a checkpointed evaluation needs a model with a state_dict (an nn.Module such as tta.Adapted)")
+    payload = checkpoint.load()
+    if payload is not None:
+        checkpoint.restore(payload, model)
+    return payload
+
+
+def stream_device(stream: Iterable[Batch], device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device(getattr(stream, "device", "cpu"))
+
+
+def stream_config(stream: Iterable[Batch]) -> dict[str, Any]:
+    describe = getattr(stream, "describe", None)
+    return describe() if callable(describe) else {}
 
 
 def check_aligned(streams: Sequence[Iterable[Batch]]) -> None:
@@ -121,7 +164,7 @@ def evaluate_multi_stream(
         model_seconds, earlier_seconds = resumed["extra"]["model_seconds"], resumed["extra"]["seconds"]
     lengths = [len(s) if hasattr(s, "__len__") else None for s in streams]  # type: ignore[arg-type]
     num_steps = lengths[0] if all(n is not None for n in lengths) else None
-    bar = tqdm(total=total, unit="img", desc=f"{num} streams", disable=not progress)
+    bar = tqdm(total=total, unit="img", desc=names[0] if num == 1 else f"{num} streams", disable=not progress)
     with PeakMemory(dev) as memory, bar:
         bar.update(sum(r.num_samples for r in recorders))
         start = time.perf_counter()
@@ -136,6 +179,8 @@ def evaluate_multi_stream(
             output = model(images)
             synchronize(dev)
             model_seconds += time.perf_counter() - tick
+            if output.ndim != 2 or output.shape[0] != size * num:
+                raise ValueError(f"expected output of shape ({size * num}, C), got {tuple(output.shape)}")
             for recorder, part, batch in zip(recorders, output.split(size), batches):
                 recorder.add(part, batch)
             bar.update(size * num)

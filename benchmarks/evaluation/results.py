@@ -1,4 +1,4 @@
-"""The result of an online run and its tidy table (ALGORITHMS.md §9.4).
+"""The result of an online run and its tidy table (docs/METHODS.md §9.4).
 
 Table scopes (one row each):
 

@@ -1,8 +1,6 @@
-"""Atomic result files: a tidy CSV, a JSON with summaries and rows, and the resolved config.
-
-Each file is written to a temporary file in the target directory, flushed to disk and then
-moved over the final name with ``os.replace`` (atomic on POSIX and Windows), so a reader or
-an interrupted run never sees a half-written result.
+"""Result files of an evaluation: a tidy CSV, a JSON with summaries and rows, and the resolved
+config, each written atomically (:func:`benchmarks.files.atomic_write`), so a reader or an
+interrupted run never sees a half-written result.
 """
 
 from __future__ import annotations
@@ -10,46 +8,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from benchmarks.evaluation.results import ROW_FIELDS, EvalResult
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (temp file in the same folder, then replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name created with mode "x" (not mkstemp, which forces 0600) keeps the usual
-    # umask-derived permissions of the final file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _jsonable(value: Any) -> Any:
-    """Plain JSON values; NaN/inf become null (JSON has no NaN)."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):  # NumPy / torch scalars
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+from benchmarks.files import atomic_write_text, json_ready
 
 
 def rows_to_csv(rows: Sequence[dict[str, Any]], fields: Sequence[str] = ROW_FIELDS) -> str:
@@ -92,6 +57,6 @@ def write_results(
     payload = {"summaries": [r.summary(timing=timing) for r in results], "rows": rows}
     return {
         "csv": atomic_write_text(out / f"{stem}.csv", rows_to_csv(rows)),
-        "json": atomic_write_text(out / f"{stem}.json", json.dumps(_jsonable(payload), indent=2) + "\n"),
-        "config": atomic_write_text(out / "config.json", json.dumps(_jsonable(config), indent=2) + "\n"),
+        "json": atomic_write_text(out / f"{stem}.json", json.dumps(json_ready(payload), indent=2) + "\n"),
+        "config": atomic_write_text(out / "config.json", json.dumps(json_ready(config), indent=2) + "\n"),
     }

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from benchmarks.data.digits import load_digits
-from benchmarks.models.cache import atomic_torch_save, cache_dir
+from benchmarks.files import atomic_torch_save
+from benchmarks.models.cache import cache_dir
 from benchmarks.models.layers import norm_layer
 from benchmarks.training.trainer import TrainConfig, train_classifier
 

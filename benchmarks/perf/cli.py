@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import shlex
@@ -16,12 +15,18 @@ from typing import Any
 
 import torch
 
+import tta
 from benchmarks.perf.models import MODELS, build_model
+from tta.registry import method_class
 
 SECTIONS = ("methods", "corruptions", "multistream", "profile")
-#: every registered method that runs on a plain model (bcn needs a BCN model; eata without a
-#: source loader is eta, so eta stands for both)
-DEFAULT_METHODS = "source,norm,alpha_bn,unmix_tns,unmix_tns_mass,rbn,balanced_bn,gated_bn,tent,sar,eta,roid,rotta,tribe,lame"
+
+
+def default_methods() -> list[str]:
+    """Every registered method that runs on the perf models as they are, in registry order:
+    those that ``require`` nothing more (bcn needs a BCN-trained model; eata without source
+    data is eta, which stands for both)."""
+    return [name for name in tta.registered_methods() if method_class(name).requires is None]
 
 
 def _ints(text: str) -> list[int]:
@@ -52,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="all", choices=("all", "cpu", "cuda"), help="'all': CPU, and CUDA when present")
     parser.add_argument("--sections", type=_names, default=list(SECTIONS), help=f"comma list of {','.join(SECTIONS)}")
     parser.add_argument("--models", type=_names, default=list(MODELS), help=f"comma list of {','.join(MODELS)}")
-    parser.add_argument("--methods", type=_names, default=_names(DEFAULT_METHODS), help="comma list of method names")
+    parser.add_argument("--methods", type=_names, default=default_methods(), help="comma list of method names (default: the registry's, see default_methods)")
     parser.add_argument("--batch-sizes", type=_ints, default=[1, 16, 64, 256])
     parser.add_argument("--sizes", type=_sizes, default={}, help="input sizes, e.g. resnet50=64,vit_tiny=32 (default: 64/32 on CPU, 224 on CUDA)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per variant (median reported)")
@@ -130,7 +135,6 @@ def _environment(devices: list[torch.device]) -> dict[str, Any]:
 def _profile_section(args: argparse.Namespace, device: torch.device, out: Path, log: Any) -> dict[str, Any]:
     import copy
 
-    import tta
     from benchmarks.perf import profiling
 
     size = MODELS[args.profile_model].size(device, args.sizes.get(args.profile_model))
@@ -206,7 +210,6 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
 
     from benchmarks.perf import report
     from benchmarks.perf.corruption_speed import measure_corruptions
-    from benchmarks.perf.methods import DEFAULT_METHODS as METHOD_HPARAMS
     from benchmarks.perf.methods import measure_methods
     from benchmarks.perf.multistream import measure_multistream
 
@@ -217,9 +220,8 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
     for device in devices:
         if "methods" in args.sections:
             log(f"== methods vs plain inference on {device} ==")
-            methods = {m: METHOD_HPARAMS.get(m.split("+")[-1], {}) for m in args.methods}
             method_rows += measure_methods(
-                device, args.models, args.batch_sizes, methods, sizes=args.sizes, repeats=args.repeats,
+                device, args.models, args.batch_sizes, args.methods, sizes=args.sizes, repeats=args.repeats,
                 warmup=args.warmup, min_time=args.min_time, memory=not args.no_memory, log=log,
             )
         if "corruptions" in args.sections:
@@ -278,7 +280,7 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
             "",
         ]
     )
-    protocol = _protocol(args, devices, METHOD_HPARAMS)
+    protocol = _protocol(args, devices)
     results = {
         "command": command,
         "protocol": protocol.to_dict(),
@@ -292,21 +294,19 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
         "profile": profile,
     }
     (out / "perf.md").write_text(markdown)
-    (out / "perf.json").write_text(json.dumps(results, indent=1, default=_json_default))
+    (out / "perf.json").write_text(json.dumps(results, indent=1, default=str))  # devices, paths
     print("\n" + markdown)
     print(f"saved {out / 'perf.md'} and {out / 'perf.json'}")
     return results
 
 
-def _protocol(args: argparse.Namespace, devices: list[torch.device], hparams: dict[str, dict[str, Any]]) -> Any:
+def _protocol(args: argparse.Namespace, devices: list[torch.device]) -> Any:
     """The typed protocol block of this perf run (benchmarks.protocol.PerfProtocol)."""
-    import tta
     from benchmarks.protocol import MethodProtocol, PerfProtocol, resolved_hparams, software_protocol
 
-    methods = {}
-    for spec in args.methods:
-        built = tta.build_method(spec, **hparams.get(spec.split("+")[-1], {}))
-        methods[spec] = MethodProtocol(name=spec, hparams=resolved_hparams(built))
+    methods = {
+        name: MethodProtocol(name=name, hparams=resolved_hparams(tta.MethodSpec.parse(name))) for name in args.methods
+    }
     return PerfProtocol(
         models={
             name: {
@@ -328,10 +328,3 @@ def _protocol(args: argparse.Namespace, devices: list[torch.device], hparams: di
         software=tuple(software_protocol(d) for d in devices),
     )
 
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, (torch.device, Path)):
-        return str(value)
-    return str(value)

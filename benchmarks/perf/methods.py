@@ -11,33 +11,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
 import tta
 from benchmarks.perf.models import MODELS, build_model
 from benchmarks.perf.timing import paired_ratio, peak_memory_bytes, time_interleaved
+from tta.registry import UnknownMethod
 
-#: method -> hyperparameters used in the table (unmix_tns with the target's K = 16)
-DEFAULT_METHODS: dict[str, dict[str, Any]] = {
-    "source": {},
-    "norm": {},
-    "alpha_bn": {},
-    "unmix_tns": {"k": 16},
-    "tent": {},
-    "sar": {},
-    "lame": {},
-    "rbn": {},
-    "balanced_bn": {},
-    "gated_bn": {},
-    "rotta": {},
-    "tribe": {},
-    "roid": {},
-    "eata": {},
-    "unmix_tns_mass": {"k": 16},
-}
-STATISTICS_METHODS = ("norm", "alpha_bn", "unmix_tns", "rbn", "balanced_bn", "gated_bn", "unmix_tns_mass")
 PLAIN = "plain"
 
 
@@ -88,9 +70,10 @@ def _na_reason(error: Exception) -> str:
 
 
 def build_variants(
-    model: torch.nn.Module, x: torch.Tensor, methods: dict[str, dict[str, Any]]
+    model: torch.nn.Module, x: torch.Tensor, methods: Sequence[str]
 ) -> tuple[dict[str, Callable[[], object]], dict[str, str]]:
-    """Callables for plain inference and each applicable method, and n/a reasons."""
+    """Callables for plain inference and each applicable method (default hyperparameters),
+    and n/a reasons."""
 
     def plain() -> object:
         with torch.inference_mode():
@@ -98,14 +81,12 @@ def build_variants(
 
     calls: dict[str, Callable[[], object]] = {PLAIN: plain}
     skipped: dict[str, str] = {}
-    registered = set(tta.available_methods())
-    for name, hparams in methods.items():
-        base = name.split("+")[-1]
-        if base not in registered:
+    for name in methods:
+        try:
+            adapted = tta.adapt(model, name)
+        except UnknownMethod:
             skipped[name] = "n/a: method not registered in this checkout"
             continue
-        try:
-            adapted = tta.adapt(model, name, **hparams)
         except ValueError as error:
             skipped[name] = f"n/a: {_na_reason(error)}"
             continue
@@ -117,7 +98,7 @@ def measure_methods(
     device: torch.device,
     model_names: list[str],
     batch_sizes: list[int],
-    methods: dict[str, dict[str, Any]],
+    methods: Sequence[str],
     *,
     sizes: dict[str, int] | None = None,
     repeats: int = 5,

@@ -1,4 +1,4 @@
-"""Test-time streams: domain schedules, label orders and Si-Blurry task splits (ALGORITHMS.md §9).
+"""Test-time streams: domain schedules, label orders and Si-Blurry task splits (docs/METHODS.md §9).
 
 Typical use::
 

@@ -1,4 +1,4 @@
-"""The one configuration object of a test-time stream (ALGORITHMS.md §9.3).
+"""The one configuration object of a test-time stream (docs/METHODS.md §9.3).
 
 A stream is fully determined by a :class:`StreamConfig`: which data, which domains at which
 severities, in which schedule, in which label order, cut into batches of which size. The

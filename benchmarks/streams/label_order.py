@@ -4,7 +4,7 @@ All functions return an *index order* into the label vector they are given and t
 explicit NumPy random generator, so a stream is reproducible from its seed alone.
 
 The Dirichlet sampler follows the procedure of NOTE (Gong et al., NeurIPS 2022) as used by the
-mariodoebler test-time-adaptation benchmark and UnMix-TNS (ALGORITHMS.md §9.2). The official
+mariodoebler test-time-adaptation benchmark and UnMix-TNS (docs/METHODS.md §9.2). The official
 code draws from NumPy's *global* RNG (seeded per domain with the run seed); here the generator
 is passed in. Passing ``np.random.RandomState(seed)`` consumes randomness in the same order as
 the official code after ``np.random.seed(seed)``; the library itself uses a seeded

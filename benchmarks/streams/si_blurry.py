@@ -1,5 +1,5 @@
 """Si-Blurry task boundaries (Moon et al., ICCV 2023, "Online Continual Learning on a
-Contaminated Data Stream with Blurry Task Boundaries"; ALGORITHMS.md §9.5).
+Contaminated Data Stream with Blurry Task Boundaries"; docs/METHODS.md §9.5).
 
 Classes are split into *disjoint* classes (each seen in exactly one task) and *blurry*
 classes (each owned by one task, but a share of their samples is moved to random other

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.models.cache import atomic_torch_save
+from benchmarks.files import atomic_torch_save
 
 CHECKPOINT_FORMAT = 1
 

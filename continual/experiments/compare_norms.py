@@ -1,6 +1,6 @@
 """Online ER or naive fine-tuning with plain BN vs AdaB²N (vs BCN + WS) on digits or CIFAR-10.
 
-The protocol of the AdaB²N paper's online setting (Lyu et al., NeurIPS 2023; ALGORITHMS.md
+The protocol of the AdaB²N paper's online setting (Lyu et al., NeurIPS 2023; docs/METHODS.md
 §6), scaled to CPUs: class-incremental tasks of 2 classes, one pass over the stream in
 incoming batches of 10, experience replay from a reservoir buffer with a replay mini-batch
 concatenated to every batch, SGD without momentum, reduced ResNet-18 (nf = 20). The same
@@ -205,6 +205,8 @@ def run_protocol(config: RunConfig, model: torch.nn.Module, num_classes: int) ->
         ),
         metric=MetricProtocol(
             name="A_auc,A_last,A_avg,F_last",
+            # recorded text, part of the fingerprint of existing records: the section is now
+            # docs/METHODS.md §9.5
             definition="Si-Blurry's online metrics (ALGORITHMS.md §9.5) on the test samples of the classes seen so far",
             averaging="A_auc: mean of the accuracy measured every eval_period samples; A_avg: mean over task ends",
             window=config.eval_period,
@@ -407,7 +409,7 @@ def main(argv: list[str] | None = None) -> None:
         tqdm.write(f"seed {seed} {norm}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in result["metrics"].items())
                    + f" ({result['seconds']:.0f} s)")
         if args.out is not None:
-            from benchmarks.evaluation.writers import atomic_write_text
+            from benchmarks.files import atomic_write_text
 
             atomic_write_text(args.out, json.dumps(runs, indent=1))
     print(summarize(runs))

@@ -1,7 +1,7 @@
 """AdaB²N: adaptive balance of batch normalization for continual learning.
 
 Lyu et al., "Overcoming Recency Bias of Normalization Statistics in Continual Learning:
-Balance and Adaptation", NeurIPS 2023. Restated in ALGORITHMS.md §6; behaviour follows the
+Balance and Adaptation", NeurIPS 2023. Restated in docs/METHODS.md §6; behaviour follows the
 official implementation (lvyilin/AdaB2N, ``models/utils/adab2n.py``), which produced the
 published numbers. Written from the spec, not copied.
 

@@ -1,4 +1,4 @@
-"""Online continual-learning metrics: A_auc, A_last, A_avg, F_last (Si-Blurry, ALGORITHMS.md §9.5)."""
+"""Online continual-learning metrics: A_auc, A_last, A_avg, F_last (Si-Blurry, docs/METHODS.md §9.5)."""
 
 from continual.metrics.functional import (
     EvaluationSchedule,

@@ -1,4 +1,4 @@
-"""Online continual-learning accuracy metrics as plain functions (ALGORITHMS.md §9.5).
+"""Online continual-learning accuracy metrics as plain functions (docs/METHODS.md §9.5).
 
 Definitions follow Si-Blurry (Moon et al., ICCV 2023; official ``methods/_trainer.py``):
 

@@ -1,4 +1,4 @@
-"""Si-Blurry online accuracy metrics in Avalanche's metric system (ALGORITHMS.md §9.5).
+"""Si-Blurry online accuracy metrics in Avalanche's metric system (docs/METHODS.md §9.5).
 
 ``OnlineAccuracyMetrics`` is a ``PluginMetric``: add it to an ``EvaluationPlugin``. While the
 strategy trains it counts the training samples of every experience; every ``eval_period``

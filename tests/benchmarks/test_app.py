@@ -100,6 +100,7 @@ def test_joblib_sweep_2x2_report_and_restart(bench_env: dict[str, str], tmp_path
     before = {p: p.stat().st_mtime_ns for p in records[1:]}
     second = bench(args, bench_env, tmp_path)
     assert second.returncode == 0, second.stdout + second.stderr
+    assert "sweep finished: 4 of its 4 runs finished" in second.stdout + second.stderr
     assert victim.is_file()
     assert {p: p.stat().st_mtime_ns for p in records[1:]} == before  # finished runs untouched
     for record in records:

@@ -42,7 +42,7 @@ def _same_outputs(a: nn.Module, b: nn.Module, size: int = 32) -> bool:
 
 
 def test_timm_with_local_checkpoint(tmp_path: Path) -> None:
-    timm = pytest.importorskip("timm")
+    import timm
     source = timm.create_model("test_resnet", pretrained=False, num_classes=10)
     path = tmp_path / "w.pt"
     torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, path)  # DataParallel-style

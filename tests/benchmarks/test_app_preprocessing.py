@@ -19,7 +19,6 @@ def model(**values) -> ModelConfig:  # noqa: ANN003
 
 
 def test_timm_model_without_its_normalization_is_refused_with_the_fix() -> None:
-    pytest.importorskip("timm")
     problems = check_preprocessing(model(kind=ModelKind.timm, arch="resnet18"), image_size=32, dataset="digits")
     assert len(problems) == 1
     assert "expects inputs normalized with mean=[0.485,0.456,0.406] std=[0.229,0.224,0.225]" in problems[0]
@@ -35,7 +34,6 @@ def test_timm_model_without_its_normalization_is_refused_with_the_fix() -> None:
 
 
 def test_fixed_size_timm_model_refuses_another_resolution() -> None:
-    pytest.importorskip("timm")
     vit = model(kind=ModelKind.timm, arch="vit_tiny_patch16_224", input_mean=[0.5] * 3, input_std=[0.5] * 3)
     problems = check_preprocessing(vit, image_size=32, dataset="cifar10")
     assert len(problems) == 1 and "expects 224x224 inputs" in problems[0] and "delivers 32x32" in problems[0]

@@ -110,3 +110,37 @@ def test_gradual_headline_averages_domain_severity_pairs(tmp_path: Path) -> None
     pairs = summary["domain_severity_errors"]
     assert sorted(pairs) == [f"contrast@{s}" for s in range(1, 6)]
     assert summary["mean_error"] == pytest.approx(sum(pairs.values()) / len(pairs))
+
+
+def test_a_sweep_counts_only_its_own_runs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A sweep folder may hold earlier sweeps' runs: the end-of-sweep line counts this sweep's."""
+    import logging
+
+    from omegaconf import OmegaConf
+
+    from benchmarks.app.checks import PreflightChecks
+    from tests.benchmarks.test_report import fake_run
+
+    fake_run(tmp_path, "source")  # an earlier sweep's run
+    ours = fake_run(tmp_path, "norm")
+    callback = PreflightChecks()
+    callback.sweep_keys = {ours.name, "a-job-that-failed"}
+    with caplog.at_level(logging.INFO, logger="benchmarks.app.checks"):
+        callback.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    assert "sweep finished: 1 of its 2 runs finished in" in caplog.text
+    assert "(and 1 finished runs of earlier sweeps)" in caplog.text
+
+
+def test_a_run_parses_its_method_once_into_the_spec_and_builds_it_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tta.methods.base import Method
+
+    built: list[str] = []
+    original = Method.__init__
+
+    def counting(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        built.append(self.name)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Method, "__init__", counting)
+    runner.run(make(tmp_path, "method=unmix_tns_tent", "+method.hparams.k=4"))
+    assert built == ["unmix_tns", "tent"]  # the two parts of the composition, once each

@@ -1,4 +1,4 @@
-"""Tests of the batched CIFAR-10-C corruptions (spec ALGORITHMS.md §9.1).
+"""Tests of the batched CIFAR-10-C corruptions (docs/METHODS.md §9.1).
 
 The reference transcriptions below are written from the spec, one image at a time with
 NumPy / Pillow / SciPy / OpenCV / scikit-image, as the official generator works; a test

@@ -7,12 +7,11 @@ import pytest
 import torch
 from torch import nn
 
+import tta
 from benchmarks.evaluation import check_aligned, evaluate, evaluate_multi_stream
 from benchmarks.streams import GeneratedSource, StreamConfig, build_domain_streams
 from tests.benchmarks.test_streams import RecordingCorruption, tiny_arrays
-from tests.tta.helpers import small_bn_cnn
-
-tta = pytest.importorskip("tta")
+from tests.conftest import small_bn_cnn
 
 
 def bn_net() -> nn.Module:
@@ -47,15 +46,8 @@ def adapt_seeded(net: nn.Module, method: str, **kwargs):
     return tta.adapt(net, method, **kwargs)
 
 
-def _require(method: str) -> None:
-    available = getattr(tta, "available_methods", lambda: [])()
-    if method not in available:
-        pytest.skip(f"tta method {method!r} not registered yet")
-
-
 @pytest.mark.parametrize("method", ["norm", "unmix_tns"])
 def test_multi_stream_equals_separate_runs(method):
-    _require(method)
     net = bn_net()
     streams = per_domain_streams()
     assert [len(b) for b in streams[0]] == [16, 16, 8, 16, 16, 8]  # partial batches included
@@ -69,7 +61,6 @@ def test_multi_stream_equals_separate_runs(method):
 
 
 def test_multi_stream_reset_is_shared_and_matches_flags():
-    _require("norm")
     streams = per_domain_streams(severities=(5,), n_examples=24)
     model = tta.adapt(bn_net(), "norm", num_streams=3)
     calls = []
@@ -105,7 +96,6 @@ def test_misaligned_streams_are_rejected():
 
 
 def test_num_streams_mismatch_is_rejected():
-    _require("norm")
     streams = per_domain_streams()
     with pytest.raises(ValueError, match="num_streams"):
         evaluate_multi_stream(tta.adapt(bn_net(), "norm", num_streams=2), streams, progress=False)
@@ -113,7 +103,6 @@ def test_num_streams_mismatch_is_rejected():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_multi_stream_on_cuda_equals_separate_runs():
-    _require("norm")
     net = bn_net().cuda()
     streams = per_domain_streams(device="cuda")
     joint = evaluate_multi_stream(adapt_seeded(net, "norm", num_streams=3), streams, progress=False)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 
-import pytest
 import torch
 
 from benchmarks.perf import main
@@ -62,6 +61,16 @@ def test_methods_and_profile_sections_write_a_consistent_table(tmp_path):
     assert (tmp_path / "profile_cpu_unmix_tns.txt").exists()
 
 
+def test_the_default_methods_are_the_registrys_that_need_nothing_more():
+    import tta
+    from benchmarks.perf.cli import default_methods
+    from tta.registry import method_class
+
+    expected = [name for name in tta.registered_methods() if method_class(name).requires is None]
+    assert default_methods() == expected == parse_args([]).methods
+    assert {"bcn", "eata"}.isdisjoint(expected) and {"source", "norm", "tent", "eta"} <= set(expected)
+
+
 def test_vit_has_no_statistics_methods_but_runs_tent(tmp_path):
     results = main(
         TINY
@@ -76,7 +85,6 @@ def test_vit_has_no_statistics_methods_but_runs_tent(tmp_path):
 
 
 def test_corruption_and_multistream_sections(tmp_path):
-    pytest.importorskip("benchmarks.corruptions")
     results = main(
         TINY
         + [

@@ -54,6 +54,19 @@ def protocol_for(tmp_path: Path, *overrides: str) -> dict:
     return build_protocol(spec, model, adapted.method, [build_stream(spec.stream)]).to_dict()
 
 
+@pytest.mark.parametrize("name", ["norm", "tent", "unmix_tns+sar", "lame"])
+def test_the_protocol_asks_the_method_for_its_parts(name: str) -> None:
+    """Parts of a composition (explicit or an objective on its default statistics) are the
+    method's own, from its spec or the built method alike; nothing is guessed."""
+    import tta
+    from benchmarks.protocol import resolved_hparams
+
+    spec = tta.MethodSpec.parse(name)
+    assert resolved_hparams(spec) == resolved_hparams(spec.build())
+    assert list(resolved_hparams(spec)) == [part.name for part in spec.parts]
+    assert len(spec.parts) == (2 if spec.is_composite else 1)
+
+
 @pytest.fixture(scope="module")
 def digits_model():  # noqa: ANN201
     from benchmarks.models.digits import digits_source_model

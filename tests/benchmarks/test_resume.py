@@ -252,10 +252,11 @@ def test_sigkill_at_random_batches_then_restart_gives_identical_result_files(tmp
 
 
 def test_a_checkpoint_holding_a_real_protocol_block_reads_back_with_weights_only(tmp_path: Path) -> None:
-    from benchmarks.protocol import canonical, software_protocol
+    from benchmarks.files import json_ready
+    from benchmarks.protocol import software_protocol
 
     # software.torch is torch's TorchVersion, a str subclass that weights_only refuses
     block = {"software": software_protocol("cpu"), "schema": "tta-protocol"}
-    checkpoint = StreamCheckpoint(tmp_path / "ck.pt", 1, "a" * 64, protocol=canonical(block))
+    checkpoint = StreamCheckpoint(tmp_path / "ck.pt", 1, "a" * 64, protocol=json_ready(block))
     checkpoint.save(model=Noisy(), position=1, recorders=[], extra={})
     assert StreamCheckpoint(tmp_path / "ck.pt", 1, "a" * 64).load()["position"] == 1

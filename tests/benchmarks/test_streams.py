@@ -93,9 +93,7 @@ def test_config_validates_and_normalises():
 
 
 def test_standard_domains_match_corruption_registry():
-    corruptions = pytest.importorskip("benchmarks.corruptions")
-    if not hasattr(corruptions, "CORRUPTIONS"):
-        pytest.skip("benchmarks.corruptions.CORRUPTIONS not available yet")
+    from benchmarks import corruptions
     assert STANDARD_DOMAINS == tuple(corruptions.CORRUPTIONS)
 
 
@@ -266,9 +264,7 @@ def test_cached_stream_replays_identical_batches_without_recorrupting():
 
 
 def test_quantize_matches_official_8bit_storage():
-    corruptions = pytest.importorskip("benchmarks.corruptions")
-    if not hasattr(corruptions, "to_uint8"):
-        pytest.skip("benchmarks.corruptions.to_uint8 not available yet")
+    from benchmarks import corruptions
     plain = make_stream(domains=("fog",), n_examples=20)
     quantized = make_stream(domains=("fog",), n_examples=20, quantize=True)
     for a, b in zip(plain, quantized):
@@ -340,9 +336,6 @@ def test_digits_stream_end_to_end():
 
 
 def test_real_corruptions_are_deterministic_per_sample():
-    corruptions = pytest.importorskip("benchmarks.corruptions")
-    if not hasattr(corruptions, "corrupt"):
-        pytest.skip("benchmarks.corruptions.corrupt not available yet")
     config = StreamConfig(dataset="digits", domains=("gaussian_noise",), severities=(3,), n_examples=24, batch_size=8)
     a = torch.cat([b.images for b in build_stream(config)])
     b = torch.cat([b.images for b in build_stream(config.replace(batch_size=5))])

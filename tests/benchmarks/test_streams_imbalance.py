@@ -96,7 +96,6 @@ def test_imbalance_off_leaves_the_stream_unchanged():
 
 
 def test_hydra_stream_option_composes_to_an_imbalanced_stream():
-    pytest.importorskip("hydra")
     from hydra import compose, initialize_config_module
 
     import benchmarks.app  # noqa: F401  (schema + resolvers)

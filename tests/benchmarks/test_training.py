@@ -114,7 +114,6 @@ def test_cifar_resnet_norm_variants(norm: str) -> None:
 
 
 def test_cifar_vit_exposes_features_for_feature_methods() -> None:
-    pytest.importorskip("timm")
     from benchmarks.models.cifar_vit import cifar_vit
 
     model = cifar_vit(embed_dim=32, depth=2, num_heads=2).eval()
@@ -124,7 +123,6 @@ def test_cifar_vit_exposes_features_for_feature_methods() -> None:
 
 
 def test_train_source_script_writes_a_checkpoint_the_benchmarks_load(tmp_path: Path) -> None:
-    pytest.importorskip("hydra")
     command = [
         sys.executable, str(ROOT / "scripts" / "train_source.py"),
         "data.source=digits", "data.limit_train=256", "data.limit_test=128", "threads=1", "progress=false",

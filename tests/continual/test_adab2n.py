@@ -1,4 +1,4 @@
-"""AdaB²N (ALGORITHMS.md §6) against hand-computed statistics, the spec's momentum values and,
+"""AdaB²N (docs/METHODS.md §6) against hand-computed statistics, the spec's momentum values and,
 when a local checkout is available, the official layer."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A_auc, A_last, A_avg and F_last (ALGORITHMS.md §9.5) as functions and as an Avalanche metric."""
+"""A_auc, A_last, A_avg and F_last (docs/METHODS.md §9.5) as functions and as an Avalanche metric."""
 
 from __future__ import annotations
 

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from avalanche.training import Naive, Replay
+from avalanche.training.plugins import EvaluationPlugin
 from torch import nn
 
-pytest.importorskip("avalanche")
-
-from avalanche.training import Naive, Replay  # noqa: E402
-from avalanche.training.plugins import EvaluationPlugin  # noqa: E402
-
-from continual.convert import adab2n_layers  # noqa: E402
-from continual.layers import AdaB2N  # noqa: E402
-from continual.models import small_cnn  # noqa: E402
-from continual.plugin import ClassTaskMap, NormalizationPlugin  # noqa: E402
-from continual.replay import ReservoirReplayPlugin  # noqa: E402
-from continual.scenarios import online_stream, split_digits  # noqa: E402
+from continual.convert import adab2n_layers
+from continual.layers import AdaB2N
+from continual.models import small_cnn
+from continual.plugin import ClassTaskMap, NormalizationPlugin
+from continual.replay import ReservoirReplayPlugin
+from continual.scenarios import online_stream, split_digits
 
 pytestmark = pytest.mark.filterwarnings("ignore:No loggers specified")
 
@@ -124,7 +121,8 @@ def test_bn_plugin_keeps_batchnorm(digits) -> None:
 
 
 def test_bcn_ws_plugin_installs_batch_channel_norm(digits) -> None:
-    bcn = pytest.importorskip("tta.layers.bcn", reason="tta.layers.bcn has not landed")
+    from tta.layers import bcn
+
     model = small_cnn(10, width=8)
     strategy = _strategy("naive", model, [NormalizationPlugin("bcn_ws")])
     strategy.train(online_stream(digits.train_stream, 50, seed=0))

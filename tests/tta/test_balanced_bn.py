@@ -18,7 +18,7 @@ from tta.surgery import source_state
 
 from tests.official import checkout_root
 
-from .helpers import batches, small_bn_cnn
+from tests.conftest import batches, small_bn_cnn
 
 
 def _layer(channels: int = 1, num_classes: int = 3, eta: float = 0.5, gamma: float = 0.0, streams: int = 1):

@@ -1,4 +1,4 @@
-"""BCN and WS layers against their formulas (ALGORITHMS.md §7), the converter, and the
+"""BCN and WS layers against their formulas (docs/METHODS.md §7), the converter, and the
 test-time ``bcn`` method through ``tta.adapt``."""
 
 import copy
@@ -143,12 +143,12 @@ def test_bcn_rejects_bad_group_count():
 
 # -- converter -------------------------------------------------------------------------------
 def _timm_resnet():
-    timm = pytest.importorskip("timm")
+    import timm
     return timm.create_model("resnet18", num_classes=5)
 
 
 def _tv_resnet():
-    torchvision = pytest.importorskip("torchvision")
+    import torchvision
     return torchvision.models.resnet18(num_classes=5)
 
 
@@ -172,7 +172,7 @@ def test_converter_swaps_layers_and_keeps_outputs_finite(build, estimated):
 
 
 def test_converter_keeps_statistics_and_fused_activation():
-    timm = pytest.importorskip("timm")
+    import timm
     from timm.layers import BatchNormAct2d
 
     bn = BatchNormAct2d(16, act_layer=nn.ReLU)

@@ -16,12 +16,12 @@ STATISTICS_LAYER = {"unmix_tns": UnMixTNS, "alpha_bn": AlphaBatchNorm, "norm": T
 
 
 def timm_resnet():
-    timm = pytest.importorskip("timm")
+    import timm
     return timm.create_model("resnet18", num_classes=10).eval()
 
 
 def tv_resnet():
-    torchvision = pytest.importorskip("torchvision")
+    import torchvision
     return torchvision.models.resnet18(num_classes=10).eval()
 
 

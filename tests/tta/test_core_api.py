@@ -4,15 +4,15 @@ import copy
 import logging
 import threading
 import time
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
 import tta
+from tests.conftest import batches, small_bn_cnn
 from tta.layers.bcn import BatchChannelNorm2d
-
-from .helpers import batches, small_bn_cnn
 
 STATISTICS_METHODS = ["norm", "alpha_bn", "unmix_tns"]
 STATEFUL = [("norm", {"momentum": 0.2}), ("unmix_tns", {"k": 4})]
@@ -54,6 +54,48 @@ def test_auto_picks_from_the_normalization_layers_and_says_so(caplog):
     bcn_adapted = tta.adapt(bcn_model)
     assert bcn_adapted.method_name == "bcn" and "batch-channel" in bcn_adapted.auto_reason
     assert bcn_adapted(torch.randn(8, 3, 6, 6)).shape == (8, 3)
+
+
+def test_the_registry_imports_no_method_module():
+    """The package imports the methods (tta/methods/__init__.py); the registry stays a leaf
+    that method modules import, so there is no import loop through it."""
+    import ast
+    import pathlib
+
+    import tta.registry
+
+    tree = ast.parse(pathlib.Path(tta.registry.__file__).read_text())
+    runtime_imports = [
+        node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
+    ]  # module level only: the TYPE_CHECKING block is an ast.If
+    names = [alias.name for node in runtime_imports for alias in node.names] + [
+        node.module or "" for node in runtime_imports if isinstance(node, ast.ImportFrom)
+    ]
+    assert not [name for name in names if name.startswith("tta")], names
+
+
+def test_auto_tells_a_user_without_logging_what_it_chose(capsys):
+    """No logging configured: the choice still reaches the user, once per call site, as an
+    AutoChoice warning (a UserWarning, printed to stderr by Python's default filters)."""
+    with pytest.warns(tta.AutoChoice, match=r"method='auto' chose 'balanced_bn' \(the model has BatchNorm layers\)"):
+        adapted = tta.adapt(small_bn_cnn())
+    assert (adapted.method_name, adapted.auto_reason) == ("balanced_bn", "the model has BatchNorm layers")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        tta.adapt(small_bn_cnn(), "norm")
+    assert not [w for w in seen if issubclass(w.category, tta.AutoChoice)]  # an explicit method says nothing
+
+
+def test_norm_warns_when_a_batchnorm1d_normalizes_a_single_value():
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    adapted = tta.adapt(model, "norm")
+    with pytest.warns(RuntimeWarning, match="single value.*layers='spatial'"):
+        first = adapted(torch.randn(1, 4))
+    assert torch.allclose(first, adapted(torch.randn(1, 4)), atol=1e-3)  # what the warning is about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adapted(torch.randn(1, 4))  # once per layer
+        tta.adapt(model, "norm")(torch.randn(5, 4))  # batches of several samples are fine
 
 
 def test_auto_is_deterministic_for_a_model():

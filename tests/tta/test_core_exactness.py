@@ -8,10 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import tta
+from tests.conftest import batches, small_bn_cnn
 from tta.layers import UnMixTNS
 from tta.surgery import source_state
-
-from .helpers import batches, small_bn_cnn
 
 
 def _manual_forward(model: nn.Module, x: torch.Tensor, stats) -> torch.Tensor:

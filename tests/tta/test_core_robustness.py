@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 import tta
-
-from .helpers import batches, small_bn_cnn
+from tests.conftest import batches, small_bn_cnn
 
 STATEFUL = [("norm", {"momentum": 0.2}), ("unmix_tns", {"k": 4})]
 

@@ -16,11 +16,10 @@ import torch
 from torch import nn
 
 import tta
+from tests.conftest import batches, small_bn_cnn
 from tta.layers import SourceStatsNorm
 from tta.layers.bcn import convert_to_bcn_ws
 from tta.registry import method_class
-
-from .helpers import batches, small_bn_cnn
 
 COMPOSITIONS = ["alpha_bn+tent", "unmix_tns+tent", "unmix_tns+sar"]
 METHODS = sorted(tta.available_methods()) + COMPOSITIONS
@@ -82,7 +81,7 @@ def test_half_precision_models_adapt_with_fp32_state(method: str, dtype: torch.d
         reference(x)
     for name, p in adapted.model.named_parameters():
         assert p.dtype == dtype and torch.isfinite(p).all(), name
-    from tta.methods.base import MasterOptimizer
+    from tta.methods.optim import MasterOptimizer
 
     for optimizer in trained(adapted):
         assert isinstance(optimizer, MasterOptimizer)
@@ -364,7 +363,6 @@ def test_unmix_tns_compositions_default_to_the_authors_learning_rate() -> None:
 
 
 def test_documented_composition_override_works_through_the_hydra_app() -> None:
-    pytest.importorskip("hydra")
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
@@ -384,7 +382,6 @@ def test_documented_composition_override_works_through_the_hydra_app() -> None:
 
 
 def test_the_hydra_configs_get_the_same_hyperparameter_checks() -> None:
-    pytest.importorskip("hydra")
     from benchmarks.app.checks import check_method
     from benchmarks.app.errors import BenchConfigError
 

@@ -17,7 +17,7 @@ from torch import nn
 import tta
 from tta.methods.eata import compute_fisher, eata_loss, select_samples, update_probs_average
 from tests.official import checkout_root
-from tests.tta.helpers import small_bn_cnn
+from tests.conftest import small_bn_cnn
 
 
 def _logits(rows: list[list[float]]) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """Published effects of TENT, SAR and LAME on a corrupted digits stream (predict-then-adapt
-error, ALGORITHMS.md §9.4).
+error, docs/METHODS.md §9.4).
 
 Figures (digits CNN with BatchNorm, severity 5, batch 64, seed 1; error over the stream):
 

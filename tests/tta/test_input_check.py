@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tta
-from tests.tta.helpers import small_bn_cnn
+from tests.conftest import small_bn_cnn
 from tta.input_check import InputCheck, InputScaleWarning, diagnose
 
 

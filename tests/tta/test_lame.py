@@ -1,4 +1,4 @@
-"""LAME (ALGORITHMS.md §8): the solver against a hand-solved case and an independent
+"""LAME (docs/METHODS.md §8): the solver against a hand-solved case and an independent
 reimplementation of the official stopping rule, the affinities, the guards, the frozen
 model, and penultimate features of timm / torchvision / generic classifiers."""
 
@@ -149,6 +149,11 @@ def test_lame_hparams_are_validated():
         tta.adapt(bn_cnn(), "lame", feature_layer="no.such.layer")
 
 
+def test_a_wrong_feature_layer_names_the_parameter_and_the_accepted_values():
+    with pytest.raises(ValueError, match=r"feature_layer='no\.such\.layer' is not a module.*None.*e\.g\. '5', '7'"):
+        tta.adapt(bn_cnn(), "lame", feature_layer="no.such.layer")
+
+
 # -- features ----------------------------------------------------------------------------------
 def _count_forwards(model: nn.Module) -> list[int]:
     calls: list[int] = []
@@ -157,7 +162,7 @@ def _count_forwards(model: nn.Module) -> list[int]:
 
 
 def test_features_of_timm_models_are_pre_logits():
-    timm = pytest.importorskip("timm")
+    import timm
     for model in (
         timm.create_model("resnet18", num_classes=7),
         timm.create_model("vit_tiny_patch16_224", num_classes=7, img_size=32, patch_size=8, embed_dim=24, depth=1, num_heads=2),
@@ -174,7 +179,7 @@ def test_features_of_timm_models_are_pre_logits():
 
 
 def test_features_of_torchvision_models():
-    torchvision = pytest.importorskip("torchvision")
+    import torchvision
     resnet = torchvision.models.resnet18(num_classes=4).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

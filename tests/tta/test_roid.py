@@ -30,7 +30,7 @@ from tta.methods.roid import (
     weight_ensemble_,
 )
 from tests.official import checkout_root
-from tests.tta.helpers import small_bn_cnn
+from tests.conftest import small_bn_cnn
 
 
 def _logits(rows: list[list[float]]) -> torch.Tensor:

@@ -21,7 +21,7 @@ from tta.methods.strong_augment import strong_augment
 
 from tests.official import checkout_root
 
-from .helpers import batches, small_bn_cnn
+from tests.conftest import batches, small_bn_cnn
 
 
 def _memory(capacity: int, num_classes: int, lambda_t: float = 1.0, lambda_u: float = 1.0) -> CategoryBalancedMemory:

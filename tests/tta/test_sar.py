@@ -1,4 +1,4 @@
-"""SAR (ALGORITHMS.md §3): reliable filter, SAM perturbation and exact restore, loss average
+"""SAR (docs/METHODS.md §3): reliable filter, SAM perturbation and exact restore, loss average
 and recovery (corrected and faithful), trainable-set exclusions, learning-rate rules, cost
 per batch, and BN / GN / LN models."""
 
@@ -270,7 +270,7 @@ def test_gradients_reach_only_selected_parameters():
 
 
 def test_official_exclusions_on_timm_models():
-    timm = pytest.importorskip("timm")
+    import timm
     resnet = inner(tta.adapt(timm.create_model("resnet18", num_classes=10), "sar"))
     assert resnet.param_names and not any("layer4" in n for n in resnet.param_names)
     vit = timm.create_model(
@@ -300,7 +300,7 @@ def test_learning_rate_rules():
 
 # -- model families --------------------------------------------------------------------------------
 def _family_model(family: str):
-    timm = pytest.importorskip("timm")
+    import timm
     if family == "bn":
         return timm.create_model("resnet18", num_classes=10), 4
     if family == "gn":

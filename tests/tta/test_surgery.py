@@ -1,15 +1,14 @@
 """Layer surgery on timm, torchvision and hand-made models."""
 
 import pytest
+import timm
 import torch
+import torchvision
 from torch import nn
 
 import tta
 from tta.layers import AdaptiveNorm, NormAct
 from tta.surgery import find_norm_layers, replace_modules
-
-timm = pytest.importorskip("timm")
-torchvision = pytest.importorskip("torchvision")
 
 
 def _randomize_stats(model: nn.Module) -> nn.Module:

@@ -1,4 +1,4 @@
-"""TENT (ALGORITHMS.md §2): trainable set, optimizer defaults, pre-update prediction,
+"""TENT (docs/METHODS.md §2): trainable set, optimizer defaults, pre-update prediction,
 episodic mode, state round trips, entropy decrease on a shifted batch."""
 
 import copy

@@ -19,7 +19,7 @@ from tta.methods.tribe import TriNet
 
 from tests.official import checkout_root
 
-from .helpers import batches, small_bn_cnn
+from tests.conftest import batches, small_bn_cnn
 
 
 def _images(n: int, batch_size: int = 8, seed: int = 1) -> list[torch.Tensor]:

@@ -11,7 +11,7 @@ import tta
 from tta.layers.base import SourceNormState
 from tta.layers.unmix_tns import UnMixTNS
 from tta.layers.unmix_tns_mass import UnMixTNSMass, mass_rates
-from tests.tta.helpers import batches, small_bn_cnn
+from tests.conftest import batches, small_bn_cnn
 
 
 def _source(channels: int = 2, momentum: float = 0.1) -> SourceNormState:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import torch
 
 from tta.layers.base import AdaptiveNorm, SourceNormState
@@ -12,7 +15,7 @@ class TestTimeBatchNorm(AdaptiveNorm):
     """Normalize with the statistics of the test batch (TBN; Schneider et al., NeurIPS 2020;
     Nado et al., 2020), as TENT's normalization does (Wang et al., ICLR 2021, §3).
 
-    ``mu_t, sigma_t^2`` = mean and *biased* variance over batch and spatial dims (spec §1).
+    ``mu_t, sigma_t^2`` = mean and *biased* variance over batch and spatial dims (docs/METHODS.md §1).
 
     With ``momentum = m`` the layer keeps an exponential moving average of the target
     statistics, initialised from the source statistics, and normalizes with the average that
@@ -26,6 +29,7 @@ class TestTimeBatchNorm(AdaptiveNorm):
     def __init__(self, source: SourceNormState, momentum: float | None = None, num_streams: int = 1) -> None:
         super().__init__(source, num_streams)
         self.momentum = momentum
+        self._warned_single_value = False
         if momentum is not None:
             source_mean, source_var = self.require_source_stats()
             self.register_buffer("target_mean", source_mean.expand(num_streams, -1).clone())
@@ -33,6 +37,7 @@ class TestTimeBatchNorm(AdaptiveNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
+        self._warn_if_constant(x)
         if self.momentum is None and self.num_streams == 1:
             out = batch_normalize(x, self.weight, self.bias, self.eps)  # one fused kernel
             if out is not None:
@@ -44,6 +49,23 @@ class TestTimeBatchNorm(AdaptiveNorm):
             var = torch.lerp(self.target_var, var, m)
             self.propose_update(target_mean=mean, target_var=var)
         return normalize(x, mean, var, self.weight, self.bias, self.eps)
+
+    def _warn_if_constant(self, x: torch.Tensor) -> None:
+        """Warn once when every channel is normalized over a single value (a BatchNorm1d on a
+        batch of one, per stream): the test statistics are that value itself, so the layer
+        outputs its bias whatever the input, and so does the model's prediction. A host-side
+        check of the shape; no synchronisation."""
+        values = x.shape[0] // self.num_streams * math.prod(x.shape[2:])
+        if values == 1 and self.momentum in (None, 1.0) and not self._warned_single_value:
+            self._warned_single_value = True
+            warnings.warn(
+                f"{type(self).__name__} (replacing a {self.source_type.rsplit('.', 1)[-1]}) normalizes each "
+                "channel over a single value: at batch size 1 its output, and the model's prediction, no "
+                "longer depend on the input. Use layers='spatial' (BatchNorm1d keeps its source statistics), "
+                "norm's momentum=..., or batches of several samples",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, momentum={self.momentum}"

@@ -2,7 +2,7 @@
 Normalization and Weight Standardization", arXiv 1903.10520, §4; the same authors' "Rethinking
 Normalization and Elimination Singularity in Neural Networks", arXiv 1911.09738).
 
-Spec: ``shared/reference/ALGORITHMS.md`` §7. Three pieces:
+Spec: docs/METHODS.md §7. Three pieces:
 
 * :class:`BatchChannelNorm2d`, the training layer (also what a trained model holds);
 * :class:`TestTimeBatchChannelNorm`, the statistics layer ``tta.adapt(model, "bcn")`` swaps in:
@@ -22,7 +22,7 @@ from tta.layers.base import AdaptiveNorm, NormAct, SourceNormState
 from tta.layers.stats import normalize, stream_stats
 from tta.layers.ws import WSConv2d
 
-#: default EstBN moving speed r. UNVERIFIED (spec §7): the official buffer starts at 0 and is
+#: default EstBN moving speed r. UNVERIFIED (docs/METHODS.md §7): the official buffer starts at 0 and is
 #: set by a training script that is not public; one third-party copy fixes r = 0.01.
 DEFAULT_MOVING_SPEED = 0.01
 

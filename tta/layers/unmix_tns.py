@@ -1,7 +1,7 @@
 """UnMix-TNS normalization layer (Tomar et al., "Un-Mixing Test-Time Normalization
 Statistics: Combatting Label Temporal Correlation", ICLR 2024, arXiv 2401.08328).
 
-Spec: ``shared/reference/ALGORITHMS.md`` §4. Equation numbers refer to the paper's §3.
+Spec: docs/METHODS.md §4. Equation numbers refer to the paper's §3.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class UnMixTNS(AdaptiveNorm):
     3. mixed statistics ``mu^_bk = (1 - p_bk) M_k + p_bk mu~_b`` (same for the variance);
     4. per-instance statistics as the uniform mixture over k (law of total variance)
        ``mu-_b = mean_k mu^_bk``, ``sigma-^2_b = mean_k sigma^^2_bk + mean_k mu^_bk^2 - mu-_b^2``,
-       computed with the closed forms of spec §4 (O(B K C), nothing of size B x K x C);
+       computed with the closed forms of docs/METHODS.md §4 (O(B K C), nothing of size B x K x C);
     5. ``gamma (z - mu-_b) / sqrt(sigma-^2_b + eps) + beta``;
     6. update with the pre-update components already used for the output:
        ``M_k <- M_k + lambda / B sum_b p_bk (mu~_b - M_k)`` (same for V), where

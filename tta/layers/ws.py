@@ -1,7 +1,7 @@
 """Weight-standardized convolution (Qiao et al., "Micro-Batch Training with Batch-Channel
 Normalization and Weight Standardization", arXiv 1903.10520, §3).
 
-Spec: ``shared/reference/ALGORITHMS.md`` §7.
+Spec: docs/METHODS.md §7.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ def standardize_weight(weight: torch.Tensor, eps: float = 1e-5, eps_inside_sqrt:
     """``W^_o = (W_o - mean(W_o)) / s_o`` per output channel o (paper §3).
 
     The mean and the *unbiased* variance run over the ``I * kh * kw`` entries of each output
-    filter. Two scale conventions exist in the official code (spec §7):
+    filter. Two scale conventions exist in the official code (docs/METHODS.md §7):
 
     * ``eps_inside_sqrt=True``: ``s_o = sqrt(var_o + eps)`` (BCN repository, ImageNet models);
     * ``eps_inside_sqrt=False``: ``s_o = std_o + eps`` (WS README and DeepLabV3 code).

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from tta.hyperparams import hparam
 from tta.layers.base import AdaptiveNorm, SourceNormState
 from tta.layers.batch_stats import AlphaBatchNorm
-from tta.methods.base import hparam
 from tta.methods.statistics import StatisticsMethod, layers_hparam
 from tta.registry import register_method
 
@@ -14,7 +14,7 @@ from tta.registry import register_method
 @dataclasses.dataclass
 class AlphaBNHparams:
     #: weight of the *source* statistics (paper convention); BN-alpha's a = 1 - alpha
-    alpha: float = hparam(0.9, low=0.0, high=1.0)
+    alpha: float = hparam(0.9, low=0.0, high=1.0, symbol="α")
     #: which BatchNorm layers mix statistics: "spatial" (BatchNorm2d/3d, as the BN-alpha
     #: reference, which wraps BatchNorm2d only) or "all" (BatchNorm1d too); the others keep
     #: their source statistics
@@ -29,7 +29,7 @@ class AlphaBN(StatisticsMethod):
 
     ``alpha = 1`` is the source model, ``alpha = 0`` test-time BN. No official code exists; the
     default 0.9 equals the BN-alpha baseline's ``a = 0.1`` of the UnMix-TNS and
-    mariodoebler benchmarks (which weight the test side). See ``ALGORITHMS.md`` §5.
+    mariodoebler benchmarks (which weight the test side). See docs/METHODS.md §5.
 
     ``layers="spatial"`` (default, the BN-alpha reference) adapts BatchNorm2d/3d and keeps
     BatchNorm1d layers at their source statistics; ``layers="all"`` mixes in BatchNorm1d too.

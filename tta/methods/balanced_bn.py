@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from tta.features import find_classifier
+from tta.hyperparams import hparam
 from tta.layers.balanced_bn import BalancedBatchNorm
 from tta.layers.base import AdaptiveNorm, SourceNormState
-from tta.methods.base import hparam
 from tta.methods.statistics import StatisticsMethod, layers_hparam
 from tta.registry import register_method
 
@@ -21,12 +21,12 @@ from tta.registry import register_method
 class BalancedBNHparams:
     #: eta, step size of the per-class statistics (official CIFAR-10 config 0.01; the
     #: authors' rule is about max(0.0005 K, 0.01): 0.05 for CIFAR-100, 0.5 for ImageNet)
-    eta: float = hparam(0.01, low=0.0, low_open=True, high=1.0)
+    eta: float = hparam(0.01, low=0.0, low_open=True, high=1.0, symbol="η")
     #: gamma, share of the update shared by all classes (official CIFAR-10 0.0, CIFAR-100
     #: 0.1, ImageNet 0.5)
-    gamma: float = hparam(0.0, low=0.0, high=1.0)
+    gamma: float = hparam(0.0, low=0.0, high=1.0, symbol="γ")
     #: K, number of classes; None reads it from the model's classifier (last Linear layer)
-    num_classes: int | None = hparam(None, low=2)
+    num_classes: int | None = hparam(None, low=2, symbol="K")
     #: which BatchNorm layers adapt: "all" (official: BalancedRobustBN1dV5 replaces
     #: BatchNorm1d too) or "spatial" (BatchNorm1d keeps its source statistics)
     layers: str = layers_hparam("all")

@@ -6,9 +6,9 @@ import dataclasses
 
 from torch import nn
 
+from tta.hyperparams import hparam
 from tta.layers.base import AdaptiveNorm, SourceNormState
 from tta.layers.bcn import BatchChannelNorm2d, TestTimeBatchChannelNorm
-from tta.methods.base import hparam
 from tta.methods.statistics import StatisticsMethod
 from tta.registry import register_method
 from tta.surgery import replace_modules
@@ -19,13 +19,13 @@ class BCNHparams:
     #: EstBN moving speed r of the estimated batch-stage statistics at test time. None: each
     #: layer's own training value (``moving_speed`` of an estimated-statistics BCN, the BN
     #: momentum of a BatchNorm-stage BCN, 0.1 when that is None). UNVERIFIED in the papers.
-    moving_speed: float | None = hparam(None, low=0.0, high=1.0)
+    moving_speed: float | None = hparam(None, low=0.0, high=1.0, symbol="r")
 
 
 @register_method
 class BCN(StatisticsMethod):
     """Batch-Channel Normalization at test time (Qiao et al., arXiv 1903.10520 §4 and
-    arXiv 1911.09738; ``ALGORITHMS.md`` §7).
+    arXiv 1911.09738; docs/METHODS.md §7).
 
     For models *trained* with :class:`tta.layers.BatchChannelNorm2d` (see
     :func:`tta.layers.bcn.convert_to_bcn_ws`). Every such layer becomes a
@@ -40,6 +40,7 @@ class BCN(StatisticsMethod):
 
     name = "bcn"
     Hparams = BCNHparams
+    requires = "a model trained with BatchChannelNorm2d layers (tta.layers.bcn.convert_to_bcn_ws)"
 
     def build_layer(self, name: str, source: SourceNormState) -> AdaptiveNorm:  # pragma: no cover
         raise NotImplementedError("bcn converts BatchChannelNorm2d layers, not BatchNorm")

@@ -11,18 +11,23 @@ from tta.methods.base import STATISTICS, Method
 from tta.surgery import find_norm_layers
 
 
+def check_parts(statistics: Any, method: Any) -> None:
+    """Raise ``ValueError`` unless ``statistics`` (a method or its class) is a statistics
+    method and ``method`` is not one."""
+    if statistics.role != STATISTICS:
+        raise ValueError(f"the first part of a composition must be a statistics method, got {statistics.name!r}")
+    if method.role == STATISTICS:
+        raise ValueError(f"cannot stack two statistics methods ({statistics.name!r}, {method.name!r})")
+
+
 class Composite(Method):
-    """``"<statistics>+<method>"``: convert with both (statistics first), step with the second."""
+    """``"<statistics>+<method>"``: convert with both (statistics first), step with the second.
+
+    It holds no state of its own: the state is its parts' (:meth:`parts`), which the guard,
+    ``state_dict()`` and ``.to()`` visit."""
 
     def __init__(self, statistics: Method, method: Method, *, implicit: bool = False, seed: int | None = None) -> None:
-        if statistics.role != STATISTICS:
-            raise ValueError(
-                f"the first part of a composition must be a statistics method, got {statistics.name!r}"
-            )
-        if method.role == STATISTICS:
-            raise ValueError(
-                f"cannot stack two statistics methods ({statistics.name!r}, {method.name!r})"
-            )
+        check_parts(statistics, method)
         self.statistics = statistics
         self.method = method
         # An objective used alone ("tent") runs on its default statistics method ("norm") when
@@ -32,7 +37,6 @@ class Composite(Method):
         self.role = method.role  # type: ignore[misc]
         self.num_streams = method.num_streams
         self.hparams = method.hparams
-        self._state_names = []
         if seed is not None:
             self.set_seed(seed)
 
@@ -65,14 +69,8 @@ class Composite(Method):
     def generators(self) -> list[torch.Generator]:
         return self.statistics.generators()
 
-    def optimizers(self) -> list[Any]:
-        return self.statistics.optimizers() + self.method.optimizers()
-
     def parts(self) -> list[Method]:
         return [self.statistics, self.method]
-
-    def guarded_tensors(self) -> list[torch.Tensor]:
-        return self.statistics.guarded_tensors() + self.method.guarded_tensors()
 
     def follow_device(self, fn: Any) -> None:
         self.statistics.follow_device(fn)

@@ -12,9 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tta.hyperparams import hparam
 from tta.layers.base import AdaptiveNorm
-from tta.methods import entropy
-from tta.methods.base import hparam
+from tta.methods.affine import NormAffineObjective
+from tta.methods.entropy import softmax_entropy
+from tta.methods.optim import OptimizerHparams, descend
+from tta.methods.state import state
 from tta.registry import register_method
 
 logger = logging.getLogger("tta")
@@ -35,7 +38,7 @@ def select_samples(
       sample is non-redundant (official: the check needs a previous average);
     * selected = reliable and non-redundant.
     """
-    ent = entropy.softmax_entropy(logits)
+    ent = softmax_entropy(logits)
     reliable = ent < e0
     probs = torch.softmax(logits.float(), dim=1)
     if probs_avg.shape[0] == probs.shape[1]:
@@ -122,14 +125,14 @@ def compute_fisher(
 
 
 @dataclasses.dataclass
-class ETAHparams(entropy.OptimizerHparams):
+class ETAHparams(OptimizerHparams):
     #: Nesterov momentum for SGD (SGD only; the official EATA code uses none)
     nesterov: bool = False
     #: entropy margin E_0 (Eq. 3); None: 0.4 ln C for C classes (official 0.4 ln 1000)
-    e0: float | None = hparam(None, low=0.0, low_open=True)
+    e0: float | None = hparam(None, low=0.0, low_open=True, symbol="E_0")
     #: redundancy margin epsilon of |cos| (Eq. 5): 0.4, the mariodoebler CIFAR-10-C config
     #: (with 10 classes the official ImageNet default 0.05 would reject nearly every sample)
-    d_margin: float = hparam(0.4, low=0.0, low_open=True)
+    d_margin: float = hparam(0.4, low=0.0, low_open=True, symbol="ε")
     #: gradient steps per batch (official 1)
     steps: int = hparam(1, low=1)
     #: restore the wrap-time model and method state before every batch
@@ -137,7 +140,7 @@ class ETAHparams(entropy.OptimizerHparams):
 
 
 @register_method
-class ETA(entropy.NormAffineObjective):
+class ETA(NormAffineObjective):
     """ETA: EATA without the anti-forgetting regularizer (Niu et al., "Efficient Test-Time
     Model Adaptation without Forgetting", ICML 2022, arXiv 2204.02610; official code
     mr-eggplant/EATA ``eata.py``, run there with ``--algorithm eta``).
@@ -170,17 +173,14 @@ class ETA(entropy.NormAffineObjective):
     name = "eta"
     Hparams = ETAHparams
 
-    def __init__(self, num_streams: int = 1, **hparams: Any) -> None:
-        super().__init__(num_streams, **hparams)
-        #: moving average of predictions (empty until the first batch gives C) and whether set
-        self.probs_avg = torch.zeros(0)
-        self.probs_set = torch.zeros((), dtype=torch.bool)
-        self.num_reliable = torch.zeros((), dtype=torch.long)
-        self.num_selected = torch.zeros((), dtype=torch.long)
-        #: Fisher diagonals and anchor values of the trainable parameters (EATA); empty: none
-        self.fisher: list[torch.Tensor] = []
-        self.anchors: list[torch.Tensor] = []
-        self.register_state("optimizer", "probs_avg", "probs_set", "num_reliable", "num_selected", "fisher", "anchors")
+    #: moving average of predictions (empty until the first batch gives C) and whether set
+    probs_avg = state(lambda m: torch.zeros(0))
+    probs_set = state(lambda m: torch.zeros((), dtype=torch.bool))
+    num_reliable = state(lambda m: torch.zeros((), dtype=torch.long))
+    num_selected = state(lambda m: torch.zeros((), dtype=torch.long))
+    #: Fisher diagonals and anchor values of the trainable parameters (EATA); empty: none
+    fisher = state(lambda m: [])
+    anchors = state(lambda m: [])
 
     def e0_for(self, num_classes: int) -> float:
         return self.hparams.e0 if self.hparams.e0 is not None else 0.4 * math.log(num_classes)
@@ -212,11 +212,7 @@ class ETA(entropy.NormAffineObjective):
                 self.num_reliable = self.num_reliable.to(out.device) + reliable.sum()
                 self.num_selected = self.num_selected.to(out.device) + count
             if bool(count > 0):  # the step's host synchronisation: skip the update when empty
-                loss.backward()
-                _, grads = entropy.present_grads(self.params)
-                entropy.nonfinite_guard_(grads)
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                descend(optimizer, loss)
         return out.detach()  # type: ignore[union-attr]
 
 
@@ -224,7 +220,7 @@ class ETA(entropy.NormAffineObjective):
 class EATAHparams(ETAHparams):
     #: trade-off beta of the Fisher regularizer (Eq. 8): 1, the mariodoebler CIFAR-10-C
     #: config; official ImageNet default 2000. 0 runs ETA.
-    fisher_alpha: float = hparam(1.0, low=0.0)
+    fisher_alpha: float = hparam(1.0, low=0.0, symbol="β")
     #: source data for the Fisher information: any iterable of batches (tensors, or tuples /
     #: lists whose first item is the input, e.g. a torch DataLoader; labels are ignored).
     #: Read once at wrap time; None runs ETA (with a warning). Official: 2,000 clean
@@ -249,6 +245,7 @@ class EATA(ETA):
 
     name = "eata"
     Hparams = EATAHparams
+    requires = "source data for the Fisher regularizer (fisher_loader=...); without it eata runs as eta"
 
     def convert(self, model: nn.Module) -> nn.Module:
         model = super().convert(model)

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
 
+from tta.hyperparams import hparam
 from tta.layers.base import AdaptiveNorm, SourceNormState
 from tta.layers.gated_bn import GatedBatchNorm, sample_rate
 from tta.methods.balanced_bn import check_class_output, infer_num_classes
-from tta.methods.base import hparam
+from tta.methods.state import state
 from tta.methods.statistics import StatisticsMethod, layers_hparam
 from tta.registry import register_method
 
@@ -43,9 +44,13 @@ class GatedBNHparams:
     #: 1: the robust averages alone); None: the detector decides
     fixed_gate: float | None = hparam(None, low=0.0, high=1.0)
     #: K, number of classes; None reads it from the model's classifier (last Linear layer)
-    num_classes: int | None = hparam(None, low=2)
+    num_classes: int | None = hparam(None, low=2, symbol="K")
     #: which BatchNorm layers adapt: "all" or "spatial" (BatchNorm1d keeps its source statistics)
     layers: str = layers_hparam("all")
+
+    def __post_init__(self) -> None:
+        if self.z_high <= self.z_low:
+            raise ValueError(f"gated_bn: z_high ({self.z_high}) must be greater than z_low ({self.z_low})")
 
 
 def label_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -141,16 +146,13 @@ class GatedBN(StatisticsMethod):
     name = "gated_bn"
     Hparams = GatedBNHparams
 
-    def __init__(self, num_streams: int = 1, **hparams: Any) -> None:
-        super().__init__(num_streams, **hparams)
-        self.marginal = torch.zeros(0)
-        self.register_state("marginal")
-        self.last_gate: torch.Tensor | None = None
-        self.last_score: torch.Tensor | None = None
-
-    def validate(self) -> None:
-        if self.hparams.z_high <= self.hparams.z_low:
-            raise ValueError(f"gated_bn: z_high ({self.hparams.z_high}) must be greater than z_low ({self.hparams.z_low})")
+    #: the running marginal pi of predicted labels, (S, K) once converted
+    marginal = state(lambda m: torch.zeros(0))
+    #: the gate and z of the latest step, ``(S,)`` tensors, for monitoring (no state: nothing
+    #: depends on them)
+    monitoring = ("last_gate", "last_score")
+    last_gate: torch.Tensor | None = None
+    last_score: torch.Tensor | None = None
 
     def convert(self, model: nn.Module) -> nn.Module:
         self._num_classes = self.hparams.num_classes or infer_num_classes(model, self.name)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tta.features import find_classifier, logits_and_features
-from tta.methods.base import OUTPUT, Method, hparam
+from tta.hyperparams import hparam
+from tta.methods.base import OUTPUT, Method
 from tta.registry import register_method
 
 _EPS_LOG = 1e-10  # official: unary = -log(p + 1e-10)
@@ -23,9 +23,9 @@ class LAMEHparams:
     affinity: str = hparam("rbf", choices=("knn", "rbf", "linear"))
     #: k: neighbours of the kNN affinity; for rbf, sigma = mean distance to the k-th nearest
     #: point counting the point itself (official 5)
-    knn: int = hparam(5, low=1)
+    knn: int = hparam(5, low=1, symbol="k")
     #: lambda, weight of the Laplacian term (official 1)
-    bound_lambda: float = hparam(1.0, low=0.0)
+    bound_lambda: float = hparam(1.0, low=0.0, symbol="λ")
     #: maximum bound-optimization iterations (official 100)
     max_steps: int = hparam(100, low=1)
     #: symmetrize the affinity, W <- (W + W^T) / 2 (official False)
@@ -62,6 +62,11 @@ def rbf_affinity(features: torch.Tensor, knn: int) -> torch.Tensor:
 def linear_affinity(features: torch.Tensor, knn: int) -> torch.Tensor:
     """``W = X X^T`` (cosine similarity of the normalized features)."""
     return features @ features.transpose(-1, -2)
+
+
+class FeatureLayerError(ValueError, AttributeError):
+    """``feature_layer`` names no module of the model. A ``ValueError`` like every other bad
+    hyperparameter, and an ``AttributeError`` as torch's ``get_submodule`` raised before."""
 
 
 AFFINITIES = {"knn": knn_affinity, "rbf": rbf_affinity, "linear": linear_affinity}
@@ -114,7 +119,7 @@ def laplacian_optimization(
 @register_method
 class LAME(Method):
     """LAME (Boudiaf et al., "Parameter-free Online Test-time Adaptation", CVPR 2022,
-    arXiv 2201.05718; ``ALGORITHMS.md`` §8). Output-only: the model is frozen (no gradient,
+    arXiv 2201.05718; docs/METHODS.md §8). Output-only: the model is frozen (no gradient,
     no parameter or buffer changes; train/eval mode untouched after wrapping in eval).
 
     Per batch of N samples with class probabilities ``p_i`` and L2-normalized penultimate
@@ -137,16 +142,21 @@ class LAME(Method):
     Hparams = LAMEHparams
     supports_streams = True
 
-    def __init__(self, num_streams: int = 1, **hparams: Any) -> None:
-        super().__init__(num_streams, **hparams)
-        self._layer: str | None = self.hparams.feature_layer
-
     def convert(self, model: nn.Module) -> nn.Module:
+        self._layer = self.hparams.feature_layer
         if self._layer is None:
             found = find_classifier(model)
             self._layer = found[0] if found is not None else None
-        else:
-            model.get_submodule(self._layer)  # fail at wrap time on a wrong name
+            return model
+        names = [name for name, _ in model.named_modules() if name]
+        if self._layer not in names:  # fail at wrap time on a wrong name
+            linear = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+            examples = ", ".join(repr(name) for name in (linear or names)[:8])
+            raise FeatureLayerError(
+                f"method 'lame': feature_layer={self._layer!r} is not a module of the model; accepted values: "
+                f"None (the classifier is found automatically) or the qualified name of the layer whose "
+                f"input are the features, e.g. {examples}"
+            )
         return model
 
     def step(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from tta.hyperparams import hparam
 from tta.layers.base import AdaptiveNorm, SourceNormState
 from tta.layers.robust_bn import RobustBatchNorm
-from tta.methods.base import hparam
 from tta.methods.statistics import StatisticsMethod, layers_hparam
 from tta.registry import register_method
 
@@ -14,7 +14,7 @@ from tta.registry import register_method
 @dataclasses.dataclass
 class RBNHparams:
     #: alpha, weight of the current batch in the global moving average (official 0.05)
-    alpha: float = hparam(0.05, low=0.0, high=1.0)
+    alpha: float = hparam(0.05, low=0.0, high=1.0, symbol="α")
     #: which BatchNorm layers adapt: "all" (official: RobustBN1d replaces BatchNorm1d too) or
     #: "spatial" (BatchNorm1d keeps its source statistics)
     layers: str = layers_hparam("all")

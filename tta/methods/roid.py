@@ -4,14 +4,16 @@ prior correction (ROID)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tta.methods import entropy
-from tta.methods.base import hparam
+from tta.hyperparams import hparam
+from tta.methods.affine import NormAffineObjective
+from tta.methods.entropy import softmax_entropy
+from tta.methods.optim import OptimizerHparams, descend
+from tta.methods.state import state
 from tta.registry import register_method
 
 #: SoftLikelihoodRatio of the official code: probabilities clipped at 0.99, 1e-5 in the log
@@ -60,7 +62,7 @@ def roid_weights(
     probs = torch.softmax(logits.float(), dim=1)
     diversity = _min_max(1.0 - F.cosine_similarity(class_probs.float().unsqueeze(0), probs, dim=1))
     keep = ~(diversity < diversity.mean())
-    certainty = _min_max(-entropy.softmax_entropy(logits))
+    certainty = _min_max(-softmax_entropy(logits))
     weights = torch.exp(diversity * certainty / temperature)
     return torch.where(keep, weights, 0.0), keep
 
@@ -162,7 +164,7 @@ def apply_augmentation(x: torch.Tensor, draw: AugmentDraw) -> torch.Tensor:
 
 
 @dataclasses.dataclass
-class ROIDHparams(entropy.OptimizerHparams):
+class ROIDHparams(OptimizerHparams):
     #: gradient steps per batch (official 1)
     steps: int = hparam(1, low=1)
     #: certainty and diversity weighting (official USE_WEIGHTING True)
@@ -173,17 +175,17 @@ class ROIDHparams(entropy.OptimizerHparams):
     #: batches in [0, 1] and torchvision)
     consistency: bool = True
     #: weight-ensembling momentum m: theta <- m theta + (1 - m) theta_src (official 0.99)
-    momentum_src: float = hparam(0.99, low=0.0, high=1.0)
+    momentum_src: float = hparam(0.99, low=0.0, high=1.0, symbol="m")
     #: momentum of the moving average of mean predictions (official 0.9)
     momentum_probs: float = hparam(0.9, low=0.0, high=1.0)
     #: temperature T of the weights exp(d c / T) (official 1/3)
-    temperature: float = hparam(1.0 / 3.0, low=0.0, low_open=True)
+    temperature: float = hparam(1.0 / 3.0, low=0.0, low_open=True, symbol="T")
     #: restore the wrap-time model and method state before every batch
     episodic: bool = False
 
 
 @register_method
-class ROID(entropy.NormAffineObjective):
+class ROID(NormAffineObjective):
     """ROID (Marsden, Döbler & Yang, "Universal Test-time Adaptation through Weight
     Ensembling, Diversity Weighting, and Prior Correction", WACV 2024, arXiv 2306.00650;
     official code: mariodoebler/test-time-adaptation ``classification/methods/roid.py`` and
@@ -215,11 +217,11 @@ class ROID(entropy.NormAffineObjective):
       ``TEST.BATCH_SIZE`` (the same except for a shorter last batch);
     * a batch of one sample is adapted like any other: its min-max weights are 0/0 = NaN, as
       in the official code, so its gradient is zeroed
-      (:func:`tta.methods.entropy.nonfinite_guard_`) instead of turning the parameters into
+      (:func:`tta.methods.optim.nonfinite_guard_`) instead of turning the parameters into
       NaN; the ensembling and the moving average still move. The official framework instead
       buffers single samples in a sliding window;
     * the model stays in eval mode (as in the official code); no mixed precision (fp16/bf16
-      parameters train on fp32 masters, see :class:`tta.methods.base.MasterOptimizer`);
+      parameters train on fp32 masters, see :class:`tta.methods.optim.MasterOptimizer`);
     * the augmentation draws from the wrapper's seeded generator, not the global RNG.
 
     Cost: two forwards and one backward (one forward and backward without consistency).
@@ -230,14 +232,11 @@ class ROID(entropy.NormAffineObjective):
     name = "roid"
     Hparams = ROIDHparams
 
-    def __init__(self, num_streams: int = 1, **hparams: Any) -> None:
-        super().__init__(num_streams, **hparams)
-        #: fp32 wrap-time values of the trainable parameters (weight-ensembling anchors)
-        self.source_params: list[torch.Tensor] = []
-        #: moving average of the batch-mean predictions; empty until the first batch gives C
-        #: (an empty tensor, not None, so that reset() restores the unset state)
-        self.class_probs = torch.zeros(0)
-        self.register_state("optimizer", "source_params", "class_probs")
+    #: fp32 wrap-time values of the trainable parameters (weight-ensembling anchors)
+    source_params = state(lambda m: [])
+    #: moving average of the batch-mean predictions; empty until the first batch gives C
+    #: (an empty tensor, not None, so that reset() restores the unset state)
+    class_probs = state(lambda m: torch.zeros(0))
 
     def convert(self, model: nn.Module) -> nn.Module:
         model = super().convert(model)
@@ -284,12 +283,7 @@ class ROID(entropy.NormAffineObjective):
         with torch.enable_grad():
             for _ in range(int(self.hparams.steps)):
                 out = model(x)
-                loss = self._loss(model, x, out)
-                loss.backward()
-                _, grads = entropy.present_grads(self.params)
-                entropy.nonfinite_guard_(grads)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                descend(optimizer, self._loss(model, x, out))
                 # ensemble the fp32 masters (the parameters themselves for fp32 models) and
                 # write them back into half-precision parameters
                 weight_ensemble_(optimizer.masters, self.source_params, self.hparams.momentum_src)

@@ -12,9 +12,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from tta.hyperparams import hparam
 from tta.layers.base import AdaptiveNorm, commit_layers
-from tta.methods import entropy
-from tta.methods.base import OBJECTIVE, MasterOptimizer, Method, hparam
+from tta.methods.affine import configure_trainable, norm_parameters
+from tta.methods.base import OBJECTIVE, Method
+from tta.methods.optim import LOW_PRECISION, build_optimizer, descend
+from tta.methods.state import state
 from tta.methods.strong_augment import RANGES, strong_augment
 from tta.registry import register_method
 
@@ -24,19 +27,19 @@ class RoTTAHparams:
     #: Adam learning rate (official 1e-3)
     lr: float = hparam(1e-3, low=0.0, low_open=True)
     #: Adam beta_1 (beta_2 is 0.999), official 0.9
-    beta: float = hparam(0.9, low=0.0, high=1.0, high_open=True)
+    beta: float = hparam(0.9, low=0.0, high=1.0, high_open=True, symbol="β₁")
     #: weight decay (official 0)
     weight_decay: float = hparam(0.0, low=0.0)
     #: nu, rate of the teacher's moving average of the student's parameters (official 0.001)
-    nu: float = hparam(0.001, low=0.0, high=1.0)
+    nu: float = hparam(0.001, low=0.0, high=1.0, symbol="ν")
     #: N, capacity of the memory bank (official 64)
-    memory_size: int = hparam(64, low=1)
+    memory_size: int = hparam(64, low=1, symbol="N")
     #: samples between two updates of the student (official 64, the memory size)
     update_frequency: int = hparam(64, low=1)
     #: lambda_t, weight of the timeliness (age) term of the eviction score (official 1)
-    lambda_t: float = hparam(1.0, low=0.0)
+    lambda_t: float = hparam(1.0, low=0.0, symbol="λ_t")
     #: lambda_u, weight of the uncertainty term of the eviction score (official 1)
-    lambda_u: float = hparam(1.0, low=0.0)
+    lambda_u: float = hparam(1.0, low=0.0, symbol="λ_u")
     #: augmentation of the student's input: "strong" (official), "soft" or "none"; the
     #: augmentation expects images in [0, 1] and draws from the wrapper's seeded generator
     augment: str = hparam("strong", choices=(*RANGES, "none"))
@@ -78,7 +81,7 @@ class CategoryBalancedMemory:
 
     The bank returns its items ordered by class, then insertion, with ages divided by N.
 
-    This class keeps the metadata, on the host: the sequence of additions is sequential by
+    This class keeps the metadata, on the host (saved as tensors by :meth:`state_dict`): the sequence of additions is sequential by
     definition (each decision depends on the previous one) and costs O(N) scalars per
     addition. The samples stay on their device (:class:`RoTTA` writes them with one indexed
     copy per batch segment).
@@ -130,6 +133,23 @@ class CategoryBalancedMemory:
         self.age[self.label >= 0] += 1
         return slot
 
+    def state_dict(self) -> dict[str, Any]:
+        """The metadata as tensors and plain values (copies; a ``weights_only`` load reads them)."""
+        return {
+            "num_classes": self.num_classes,
+            "label": torch.from_numpy(self.label.copy()),
+            "uncertainty": torch.from_numpy(self.uncertainty.copy()),
+            "age": torch.from_numpy(self.age.copy()),
+            "order": torch.from_numpy(self.order.copy()),
+            "inserted": self.inserted,
+        }
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        self.num_classes = saved["num_classes"]
+        for name in ("label", "uncertainty", "age", "order"):
+            setattr(self, name, saved[name].numpy().copy())
+        self.inserted = int(saved["inserted"])
+
     def ordered(self) -> tuple[np.ndarray, np.ndarray]:
         """Slots of the stored items in class, then insertion order, and their ages / N."""
         index = np.flatnonzero(self.label >= 0)
@@ -143,7 +163,7 @@ def timeliness_weight(ages: torch.Tensor) -> torch.Tensor:
 
 
 def _master_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    return torch.float32 if dtype in LOW_PRECISION else dtype
 
 
 def _set_frozen(layers: list[nn.Module], frozen: bool) -> None:
@@ -188,14 +208,16 @@ class RoTTA(Method):
     teacher's prediction changes no state at all, neither memory nor counters (the official
     code would store such samples, and a NaN score is never evicted), in line with the
     wrapper's non-finite guard; non-finite gradients are zeroed
-    (:func:`tta.methods.entropy.nonfinite_guard_`).
+    (:func:`tta.methods.optim.nonfinite_guard_`).
     The teacher average skips frozen parameters (the official code averages every parameter,
     which leaves the frozen ones equal up to rounding). On GroupNorm/LayerNorm models their
     affine parameters are trained, as in the mariodoebler port.
 
     Cost: one forward per batch plus, per ``update_frequency`` samples, one teacher forward,
     one student forward and backward on the memory batch. One host synchronisation per
-    batch (pseudo-labels and entropies for the memory's decisions).
+    batch (pseudo-labels and entropies for the memory's decisions); since the memory and the
+    counters live on the host, the wrapper's guard reads its finiteness flag once more at
+    the end of a step that changed them (:class:`tta.methods.state.StateGuard`).
     """
 
     name = "rotta"
@@ -203,27 +225,22 @@ class RoTTA(Method):
     Hparams = RoTTAHparams
     default_statistics = "rbn"
 
-    def __init__(self, num_streams: int = 1, **hparams: Any) -> None:
-        super().__init__(num_streams, **hparams)
-        hp = self.hparams
-        self.params: list[nn.Parameter] = []
-        self.teacher_params: list[nn.Parameter] = []
-        self.optimizer: MasterOptimizer | None = None
-        self.memory = CategoryBalancedMemory(hp.memory_size, hp.lambda_t, hp.lambda_u)
-        self.bank = torch.zeros(0)  # the memory's samples, (N, *sample shape) once the first batch came
-        self.seen = 0
-        self.num_updates = 0
-        #: fp32 copies of the teacher's trained parameters: the moving average runs on them (a
-        #: step of nu = 0.001 would round away in fp16/bf16) and is written to the teacher
-        self.teacher_master: list[torch.Tensor] = []
-        self.register_state("optimizer", "memory", "bank", "seen", "num_updates", "teacher_master")
+    optimizer = state(None)
+    memory = state(lambda m: CategoryBalancedMemory(m.hparams.memory_size, m.hparams.lambda_t, m.hparams.lambda_u))
+    #: the memory's samples, (N, *sample shape) once the first batch came
+    bank = state(lambda m: torch.zeros(0))
+    seen = state(0)
+    num_updates = state(0)
+    #: fp32 copies of the teacher's trained parameters: the moving average runs on them (a
+    #: step of nu = 0.001 would round away in fp16/bf16) and is written to the teacher
+    teacher_master = state(lambda m: [])
 
     # -- setup ------------------------------------------------------------------------------
     def convert(self, model: nn.Module) -> nn.Module:
         if isinstance(model, TeacherStudent):
             raise ValueError("the model is already wrapped by rotta")
-        named = entropy.norm_parameters(model)
-        self.params = entropy.configure_trainable(model, [p for _, p in named], self.name)
+        named = norm_parameters(model)
+        self.params = configure_trainable(model, [p for _, p in named], self.name)
         teacher = copy.deepcopy(model)
         teacher.requires_grad_(False)
         trainable = {id(p) for p in self.params}
@@ -231,10 +248,16 @@ class RoTTA(Method):
         self.teacher_params = [by_name[n] for n, p in model.named_parameters() if id(p) in trainable]
         self.teacher_master = [p.detach().to(_master_dtype(p.dtype), copy=True) for p in self.teacher_params]
         hp = self.hparams
-        self.optimizer = entropy.build_optimizer(
-            self.params, "adam", hp.lr, beta=hp.beta, weight_decay=hp.weight_decay
-        )
-        return TeacherStudent(model, teacher)
+        self.optimizer = build_optimizer(self.params, "adam", hp.lr, beta=hp.beta, weight_decay=hp.weight_decay)
+        wrapped = TeacherStudent(model, teacher)
+        self._adaptive_layers = self._layers(wrapped)
+        return wrapped
+
+    def guarded_tensors(self) -> list[torch.Tensor]:
+        """Besides the optimizer: the teacher's averaged parameters and the statistics layers'
+        buffers, which an update mid-batch changes (it commits the robust statistics itself)."""
+        buffers = [b for layer in self._adaptive_layers for b in layer.buffers()]
+        return super().guarded_tensors() + self.teacher_params + buffers
 
     # -- step -------------------------------------------------------------------------------
     @staticmethod
@@ -315,12 +338,7 @@ class RoTTA(Method):
             with torch.enable_grad():
                 student_out = model.student(student_in)
                 cross = -(torch.softmax(teacher_out.float(), 1) * torch.log_softmax(student_out.float(), 1)).sum(1)
-                loss = (cross * weight).mean()
-                loss.backward()
-            _, grads = entropy.present_grads(self.params)
-            entropy.nonfinite_guard_(grads)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+                descend(self.optimizer, (cross * weight).mean())
             commit_layers(layers)  # one update per update_frequency samples, possibly several per batch
         if self.teacher_master:
             with torch.no_grad():

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import torch
 from torch import nn
 
+from tta.hyperparams import hparam
 from tta.layers.base import AdaptiveNorm
-from tta.methods import entropy
-from tta.methods.base import OBJECTIVE, MasterOptimizer, Method, hparam
+from tta.methods.affine import configure_trainable, norm_parameters
+from tta.methods.base import OBJECTIVE, Method
+from tta.methods.entropy import softmax_entropy
+from tta.methods.optim import build_optimizer, load_optimizer_state, nonfinite_guard_, optimizer_state, present_grads
+from tta.methods.state import state
 from tta.registry import register_method
 from tta.surgery import find_norm_layers
 
@@ -33,13 +36,13 @@ class SARHparams:
     #: size of the first batch (see :func:`sar_learning_rate`)
     lr: float | None = hparam(None, low=0.0, low_open=True)
     #: SAM radius rho (official 0.05)
-    rho: float = hparam(0.05, low=0.0)
+    rho: float = hparam(0.05, low=0.0, symbol="ρ")
     #: adaptive SAM (scale the perturbation by |theta|); official False
     adaptive: bool = False
     #: entropy threshold E_0 of the reliable-sample filter; None: 0.4 ln C (C = classes)
-    e0: float | None = hparam(None, low=0.0, low_open=True)
+    e0: float | None = hparam(None, low=0.0, low_open=True, symbol="E_0")
     #: recovery threshold e_m on the moving average of the second loss (official 0.2)
-    e_m: float = 0.2
+    e_m: float = hparam(0.2, symbol="e_m")
     #: decay of that moving average (official 0.9: ema <- 0.9 ema + 0.1 loss)
     ema_decay: float = hparam(0.9, low=0.0, high=1.0, high_open=True)
     #: SGD momentum of the base optimizer (official 0.9, no Nesterov, no weight decay)
@@ -84,7 +87,7 @@ def sar_learning_rate(family: str, batch_size: int) -> float:
 @register_method
 class SAR(Method):
     """SAR (Niu et al., "Towards Stable Test-Time Adaptation in Dynamic Wild World", ICLR 2023,
-    arXiv 2302.12400; ``ALGORITHMS.md`` §3). Per batch x, with parameters theta:
+    arXiv 2302.12400; docs/METHODS.md §3). Per batch x, with parameters theta:
 
     1. forward ``y = f_theta(x)`` (the returned prediction), entropies ``e_b = H(y_b)``;
     2. reliable filter (paper Eq. 2): ``S1 = {b : e_b < E_0}``, ``E_0 = 0.4 ln C``;
@@ -118,7 +121,7 @@ class SAR(Method):
       overwritten by the low value), so recoveries tend to repeat on consecutive batches.
       The corrected behaviour clears it (as the mariodoebler port does);
     * a recovery restores the optimizer through the SAM wrapper, which leaves the base SGD's
-      momentum buffers as they are (``ALGORITHMS.md`` §3): with ``faithful=True`` they
+      momentum buffers as they are (docs/METHODS.md §3): with ``faithful=True`` they
       survive the recovery, by default they are reset with everything else, so that the state
       after a recovery is exactly the wrap-time state.
 
@@ -146,35 +149,22 @@ class SAR(Method):
     Hparams = SARHparams
     default_statistics = "norm"
 
-    def __init__(self, num_streams: int = 1, **hparams: Any) -> None:
-        if isinstance(hparams.get("exclude"), str):
-            hparams["exclude"] = (hparams["exclude"],)
-        super().__init__(num_streams, **hparams)
-        self.params: list[nn.Parameter] = []
-        self.param_names: list[str] = []
-        self.optimizer: MasterOptimizer | None = None
-        self.family = "resnet"
-        self._lr_resolved = self.hparams.lr is not None
-        # the moving average of the second loss, created here (moved to the model's device
-        # in convert) so that no state tensor appears during a step
-        self._ema = torch.zeros(())  # 0-d float32, valid where _ema_set
-        self._ema_set = torch.zeros((), dtype=torch.bool)
-        self._recovery_state: dict[tuple[str, str], torch.Tensor] = {}
-        self._recovery_optimizer: dict[str, Any] | None = None
-        self.num_recoveries = 0
-        self.register_state("optimizer", "_lr_resolved", "_ema", "_ema_set", "num_recoveries")
-
-    def validate(self) -> None:
-        if not all(isinstance(rule, str) for rule in self.hparams.exclude):
-            raise ValueError(f"exclude must be a tuple of regular expressions, got {self.hparams.exclude!r}")
+    optimizer = state(None)
+    #: whether the learning rate is set (False until the first batch when ``lr`` is None)
+    _lr_resolved = state(lambda m: m.hparams.lr is not None)
+    #: the moving average of the second loss, 0-d float32, valid where ``_ema_set``; created
+    #: here (moved to the model's device in convert) so that no state tensor appears in a step
+    _ema = state(lambda m: torch.zeros(()))
+    _ema_set = state(lambda m: torch.zeros((), dtype=torch.bool))
+    num_recoveries = state(0)
 
     # -- setup ------------------------------------------------------------------------------
     def convert(self, model: nn.Module) -> nn.Module:
-        named = entropy.norm_parameters(model, self.hparams.exclude)
-        self.params = entropy.configure_trainable(model, [p for _, p in named], self.name)
+        named = norm_parameters(model, self.hparams.exclude)
+        self.params = configure_trainable(model, [p for _, p in named], self.name)
         self.param_names = [n for n, _ in named]
         self.family = sar_model_family(model)
-        self.optimizer = entropy.build_optimizer(
+        self.optimizer = build_optimizer(
             self.params, "sgd", self.hparams.lr or 0.0, momentum=self.hparams.sgd_momentum
         )  # type: ignore[assignment]
         # Recovery restores everything a step can change: the trainable parameters and the
@@ -185,7 +175,7 @@ class SAR(Method):
             ("param", n): p.detach().clone() for n, p in model.named_parameters() if id(p) in trainable
         }
         self._recovery_state.update({("buffer", n): b.detach().clone() for n, b in model.named_buffers()})
-        self._recovery_optimizer = entropy.optimizer_state(self.optimizer)
+        self._recovery_optimizer = optimizer_state(self.optimizer)
         if self.params:
             device = self.params[0].device
             self._ema, self._ema_set = self._ema.to(device), self._ema_set.to(device)
@@ -213,20 +203,20 @@ class SAR(Method):
             # forward 1 at theta: the prediction; reliable filter S1
             out = model(x)
             e0 = self.e0_for(out.shape[1])
-            ent = entropy.softmax_entropy(out)
+            ent = softmax_entropy(out)
             reliable = ent < e0  # NaN entropies are never reliable
             count = reliable.sum()
             loss = torch.where(reliable, ent, 0.0).sum() / count.clamp_min(1)
             loss.backward()  # backward 1
 
             # SAM first step: theta <- theta + rho g / (||g|| + 1e-12)
-            perturbed, grads = entropy.present_grads(params)
+            perturbed, grads = present_grads(params)
             with torch.no_grad():
                 if hp.adaptive:
                     scaled = torch._foreach_mul(grads, [p.abs() for p in perturbed]) if grads else []
-                    norm = entropy.nonfinite_guard_(grads, torch._foreach_norm(scaled) if scaled else None)
+                    norm = nonfinite_guard_(grads, torch._foreach_norm(scaled) if scaled else None)
                 else:
-                    norm = entropy.nonfinite_guard_(grads)
+                    norm = nonfinite_guard_(grads)
                 saved = torch._foreach_clone([p.detach() for p in perturbed]) if perturbed else []
                 if perturbed:
                     scale = hp.rho / (norm + 1e-12)  # norm is 0 when the guard zeroed the grads
@@ -239,7 +229,7 @@ class SAR(Method):
             optimizer.zero_grad(set_to_none=True)
 
             # forward 2 at theta + eps, on S1 only; second filter S2
-            ent2 = entropy.softmax_entropy(model(x))
+            ent2 = softmax_entropy(model(x))
             reliable2 = reliable & (ent2 < e0)
             count2 = reliable2.sum()
             loss2 = torch.where(reliable2, ent2, 0.0).sum() / count2.clamp_min(1)
@@ -248,8 +238,8 @@ class SAR(Method):
         with torch.no_grad():
             valid = (count2 > 0) & torch.isfinite(loss2)
             self._update_ema(loss2.detach(), valid)
-            _, grads2 = entropy.present_grads(params)
-            entropy.nonfinite_guard_(grads2)
+            _, grads2 = present_grads(params)
+            nonfinite_guard_(grads2)
             if perturbed:  # SAM second step: restore theta exactly, then the base step
                 torch._foreach_copy_([p.detach() for p in perturbed], saved)
         optimizer.step()
@@ -285,11 +275,11 @@ class SAR(Method):
         # restores the wrapper's own state and not the wrapped SGD's, so the momentum buffers
         # survive the recovery (mr-eggplant/SAR sar.py reset, sam.py load_state_dict).
         kept = {master: dict(state) for master, state in optimizer.state.items()} if self.hparams.faithful else {}
-        entropy.load_optimizer_state(optimizer, self._recovery_optimizer)
+        load_optimizer_state(optimizer, self._recovery_optimizer)
         for group, lr in zip(optimizer.param_groups, lrs):
             group["lr"] = lr
-        for master, state in kept.items():
-            optimizer.state[master] = state
+        for master, entry in kept.items():
+            optimizer.state[master] = entry
         for layer in model.modules():
             if isinstance(layer, AdaptiveNorm):
                 layer.discard()  # drop this step's staged statistics update too

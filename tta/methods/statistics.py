@@ -6,9 +6,10 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from tta.hyperparams import hparam
 from tta.layers.base import AdaptiveNorm, SourceNormState
 from tta.layers.batch_stats import SourceStatsNorm
-from tta.methods.base import STATISTICS, Method, hparam
+from tta.methods.base import STATISTICS, Method
 from tta.surgery import replace_norm_layers
 
 #: accepted values of the ``layers`` hyperparameter of the statistics methods

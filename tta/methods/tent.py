@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import torch
 from torch import nn
 
-from tta.methods import entropy
-from tta.methods.base import hparam
+from tta.hyperparams import hparam
+from tta.methods.affine import NormAffineObjective
+from tta.methods.entropy import softmax_entropy
+from tta.methods.optim import OptimizerHparams, descend
 from tta.registry import register_method
 
 
 @dataclasses.dataclass
-class TentHparams(entropy.OptimizerHparams):
+class TentHparams(OptimizerHparams):
     #: gradient steps per batch (official 1)
     steps: int = hparam(1, low=1)
     #: restore the wrap-time model and optimizer state before every batch
@@ -22,9 +23,9 @@ class TentHparams(entropy.OptimizerHparams):
 
 
 @register_method
-class Tent(entropy.NormAffineObjective):
+class Tent(NormAffineObjective):
     """TENT (Wang et al., "Tent: Fully Test-Time Adaptation by Entropy Minimization",
-    ICLR 2021, arXiv 2006.10726; ``ALGORITHMS.md`` §2).
+    ICLR 2021, arXiv 2006.10726; docs/METHODS.md §2).
 
     * Normalization: alone, ``tent`` runs on ``norm`` (test-batch statistics, no running
       statistics kept: the paper's §3 "normalization statistics") on BatchNorm models, and
@@ -45,20 +46,16 @@ class Tent(entropy.NormAffineObjective):
     only dropout/stochastic depth differ, which the mariodoebler port also keeps off.
 
     Robustness: a batch whose forward contains NaN/Inf contributes a zero gradient (checked on
-    the device, see :func:`tta.methods.entropy.nonfinite_guard_`), and the wrapper's guard
+    the device, see :func:`tta.methods.optim.nonfinite_guard_`), and the wrapper's guard
     puts parameters and Adam/SGD state back as they were (:class:`tta.Adapted`). No host
     synchronisation in the step.
 
     Half precision: the optimizer runs on fp32 master copies with fp32 state
-    (:class:`tta.methods.base.MasterOptimizer`); fp16 Adam state would underflow.
+    (:class:`tta.methods.optim.MasterOptimizer`); fp16 Adam state would underflow.
     """
 
     name = "tent"
     Hparams = TentHparams
-
-    def __init__(self, num_streams: int = 1, **hparams: Any) -> None:
-        super().__init__(num_streams, **hparams)
-        self.register_state("optimizer")
 
     def step(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         assert self.optimizer is not None, "convert() must run first"
@@ -66,10 +63,5 @@ class Tent(entropy.NormAffineObjective):
         with torch.enable_grad():
             for _ in range(int(self.hparams.steps)):
                 out = model(x)
-                loss = entropy.softmax_entropy(out).mean()
-                loss.backward()
-                _, grads = entropy.present_grads(self.params)
-                entropy.nonfinite_guard_(grads)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                descend(self.optimizer, softmax_entropy(out).mean())
         return out.detach()  # type: ignore[union-attr]

@@ -5,14 +5,17 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tta.methods import entropy
-from tta.methods.base import OBJECTIVE, MasterOptimizer, Method, hparam
+from tta.hyperparams import hparam
+from tta.methods.affine import configure_trainable, norm_parameters
+from tta.methods.base import OBJECTIVE, Method
+from tta.methods.entropy import softmax_entropy
+from tta.methods.optim import build_optimizer, descend
+from tta.methods.state import state
 from tta.methods.strong_augment import RANGES, strong_augment
 from tta.registry import register_method
 
@@ -22,14 +25,14 @@ class TRIBEHparams:
     #: Adam learning rate (official default 1e-3)
     lr: float = hparam(1e-3, low=0.0, low_open=True)
     #: Adam beta_1 (beta_2 is 0.999), official 0.9
-    beta: float = hparam(0.9, low=0.0, high=1.0, high_open=True)
+    beta: float = hparam(0.9, low=0.0, high=1.0, high_open=True, symbol="β₁")
     #: weight decay (official 0)
     weight_decay: float = hparam(0.0, low=0.0)
     #: H_0, entropy threshold as a fraction of ln K (official CIFAR-10 0.05, CIFAR-100 0.2,
     #: ImageNet 0.4)
-    h0: float = hparam(0.05, low=0.0, low_open=True)
+    h0: float = hparam(0.05, low=0.0, low_open=True, symbol="H_0")
     #: lambda, weight of the anchor (source-network) regularizer (official 0.5)
-    anchor_weight: float = hparam(0.5, low=0.0)
+    anchor_weight: float = hparam(0.5, low=0.0, symbol="λ")
     #: augmentation of the student's input: "strong" (official), "soft" or "none"; expects
     #: images in [0, 1], drawn from the wrapper's seeded generator
     augment: str = hparam("strong", choices=(*RANGES, "none"))
@@ -118,22 +121,18 @@ class TRIBE(Method):
     Hparams = TRIBEHparams
     default_statistics = "balanced_bn"
 
-    def __init__(self, num_streams: int = 1, **hparams: Any) -> None:
-        super().__init__(num_streams, **hparams)
-        self.params: list[nn.Parameter] = []
-        self.optimizer: MasterOptimizer | None = None
-        self.register_state("optimizer")
+    optimizer = state(None)
 
     def convert(self, model: nn.Module) -> nn.Module:
         if isinstance(model, TriNet):
             raise ValueError("the model is already wrapped by tribe")
-        named = entropy.norm_parameters(model)
-        self.params = entropy.configure_trainable(model, [p for _, p in named], self.name)
+        named = norm_parameters(model)
+        self.params = configure_trainable(model, [p for _, p in named], self.name)
         teacher = copy.deepcopy(model)
         _tie_parameters(teacher, model)
         anchor = copy.deepcopy(model)
         hp = self.hparams
-        self.optimizer = entropy.build_optimizer(self.params, "adam", hp.lr, beta=hp.beta, weight_decay=hp.weight_decay)
+        self.optimizer = build_optimizer(self.params, "adam", hp.lr, beta=hp.beta, weight_decay=hp.weight_decay)
         return TriNet(model, teacher, anchor)
 
     def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -161,18 +160,13 @@ class TRIBE(Method):
                 teacher_out = model.teacher(x)
                 _label_layers(model.student, labels)
                 student_out = model.student(student_in)
-                reliable = entropy.softmax_entropy(teacher_out) < hp.h0 * math.log(out.shape[1])
+                reliable = softmax_entropy(teacher_out) < hp.h0 * math.log(out.shape[1])
                 count = reliable.sum().clamp_min(1)
                 cross = F.cross_entropy(student_out.float(), teacher_out.argmax(1), reduction="none")
                 self_training = torch.where(reliable, cross, 0.0).sum() / count
                 squared = (teacher_out.float() - anchor_out.float()).square().sum(1)
                 anchor_loss = torch.where(reliable, squared, 0.0).sum() / (count * out.shape[1])
-                loss = self_training + hp.anchor_weight * anchor_loss
-                loss.backward()
+                descend(self.optimizer, self_training + hp.anchor_weight * anchor_loss)
         finally:
             _label_layers(model, None)
-        _, grads = entropy.present_grads(self.params)
-        entropy.nonfinite_guard_(grads)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         return out

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from tta.hyperparams import hparam
 from tta.layers.base import AdaptiveNorm, SourceNormState
 from tta.layers.unmix_tns import UnMixTNS as UnMixTNSLayer
-from tta.methods.base import hparam
 from tta.methods.statistics import StatisticsMethod, layers_hparam
 from tta.registry import register_method
 
@@ -14,13 +14,13 @@ from tta.registry import register_method
 @dataclasses.dataclass
 class UnMixTNSHparams:
     #: K, number of statistic components per layer (official: 16; 128 for mixed domains)
-    k: int = hparam(16, low=1)
+    k: int = hparam(16, low=1, symbol="K")
     #: tau, softmax temperature of the cosine assignment
-    tau: float = hparam(0.07, low=0.0, low_open=True)
+    tau: float = hparam(0.07, low=0.0, low_open=True, symbol="τ")
     #: alpha_init ("coeff" in the official code), share of source variance spread over means
-    alpha_init: float = hparam(0.5, low=0.0, high=1.0)
+    alpha_init: float = hparam(0.5, low=0.0, high=1.0, symbol="α_init")
     #: B_max, batch size at which the update rate equals the BN momentum (official: 64)
-    b_max: int = hparam(64, low=1)
+    b_max: int = hparam(64, low=1, symbol="B_max")
     #: which BatchNorm layers un-mix: "spatial" (BatchNorm2d/3d; BatchNorm1d keeps its source
     #: statistics, as the official UnMixTNS1d) or "all" (BatchNorm1d too, which then needs
     #: inputs with a length dim, (N, C, L))
@@ -29,7 +29,7 @@ class UnMixTNSHparams:
 
 @register_method
 class UnMixTNS(StatisticsMethod):
-    """UnMix-TNS (Tomar et al., ICLR 2024, arXiv 2401.08328), ``ALGORITHMS.md`` §4.
+    """UnMix-TNS (Tomar et al., ICLR 2024, arXiv 2401.08328), docs/METHODS.md §4.
 
     Every BatchNorm2d/3d (and SyncBatchNorm, timm's BN variants) becomes a
     :class:`tta.layers.UnMixTNS` layer; BatchNorm1d normalizes with its frozen source
