@@ -28,9 +28,13 @@ import benchmarks.app  # noqa: E402,F401  (registers the tta.* resolvers)
 
 @hydra.main(config_path="pkg://conf", config_name="train_source", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    from benchmarks.training.source import train_source
+    from benchmarks.training.source import AlreadyTrained, train_source
 
-    result, decision = train_source(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    try:
+        result, decision = train_source(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    except AlreadyTrained as error:
+        print(f"not training: {error}", file=sys.stderr)
+        return float("nan")
     print(f"clean test accuracy {result.clean_accuracy:.4f} after {result.seconds / 60:.1f} min; {decision.message}")
     return result.clean_accuracy
 

@@ -12,7 +12,8 @@ The OmegaConf resolvers registered here are used by ``conf/config.yaml``:
   (so workers of remote launchers write where the driver meant);
 * ``${tta.cache_dir:}``: ``$TTA_CACHE_DIR`` or ``~/.cache/tta`` (trained models);
 * ``${tta.shared_data:}``: ``$TTA_SHARED_DATA`` or ``<repo>/../shared/data`` (local datasets,
-  :func:`benchmarks.data.folder.shared_data_dir`).
+  :func:`benchmarks.data.folder.shared_data_dir`);
+* ``${tta.weights:NAME}``: the committed ``weights/NAME.pt``, else ``<cache>/models/NAME.pt``.
 """
 
 from __future__ import annotations
@@ -113,6 +114,14 @@ def default_shared_data() -> str:
     return str(shared_data_dir())
 
 
+def committed_or_cached(name: str) -> str:
+    """``weights/<name>.pt`` when the repository holds it, else ``<cache>/models/<name>.pt``
+    (:mod:`benchmarks.models.weights`)."""
+    from benchmarks.models.weights import resolve
+
+    return resolve(name, default_cache_dir())
+
+
 def register_resolvers() -> None:
     """Register the ``tta.*`` resolvers (idempotent; needed in every process that composes
     or resolves a config, which importing :mod:`benchmarks.app` guarantees)."""
@@ -121,6 +130,7 @@ def register_resolvers() -> None:
         ("tta.abspath", abspath),
         ("tta.cache_dir", default_cache_dir),
         ("tta.shared_data", default_shared_data),
+        ("tta.weights", committed_or_cached),
     ):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

@@ -191,6 +191,12 @@ def extract_state_dict(checkpoint: Any) -> dict[str, torch.Tensor]:
 def load_weights(model: nn.Module, path: Path, cfg: Any) -> nn.Module:
     if not path.is_file():
         raise missing_weights_error(cfg, path)
+    from benchmarks.models.weights import WeightsMismatch, verify_file
+
+    try:
+        verify_file(path)  # a committed file must be the one its manifest names
+    except WeightsMismatch as error:
+        raise BenchConfigError(str(error)) from None
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unreadable file gets the same clear message

@@ -53,11 +53,34 @@ def _limit(data: ImageArrays, limit: int | None, seed: int) -> ImageArrays:
     return data.subset(keep)
 
 
+class AlreadyTrained(RuntimeError):
+    """The repository already holds this model's weights (weights/MANIFEST.json)."""
+
+
 def train_source(cfg: Mapping[str, Any]) -> tuple[TrainResult, CheckpointDecision]:
-    """Train the configured source model and save it (see :func:`save_if_better`)."""
+    """Train the configured source model and save it (see :func:`save_if_better`).
+
+    Raises:
+        AlreadyTrained: ``weights/`` holds this model (same name, trained on the same full
+            data source) and ``force`` is not set (a model is trained once, then committed
+            and reused everywhere; smoke runs on other or limited data are not refused).
+    """
     from benchmarks.app.models import resolve_factory
+    from benchmarks.models.weights import committed_path, manifest
 
     model_cfg = cfg["source_model"]
+    data_cfg = cfg.get("data") or {}
+    committed = committed_path(str(model_cfg["name"]))
+    entry = manifest()["models"].get(str(model_cfg["name"]), {})
+    same_data = (
+        (entry.get("training", {}).get("data") or {}).get("source") == data_cfg.get("source", "cifar10_jpeg")
+        and data_cfg.get("limit_train") is None and data_cfg.get("limit_test") is None
+    )
+    if committed is not None and same_data and not cfg.get("force"):
+        raise AlreadyTrained(
+            f"{committed} is committed (weights/MANIFEST.json): every result uses it; pass force=true only "
+            "to train a replacement on purpose"
+        )
     data_cfg = cfg["data"]
     train_config = TrainConfig(**dict(model_cfg.get("train") or {}))
     if cfg.get("threads"):
