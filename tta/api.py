@@ -94,6 +94,12 @@ class Adapted(nn.Module):
       whatever the caller's context (an inference-mode batch is cloned into a normal tensor).
     * ``.to()``, ``.half()``, ``.cuda()`` move the method's state along; statistics buffers
       and fp32 master parameters keep float32.
+    * ``reset_every=N`` (RDumb, Press et al., NeurIPS 2023): the whole adaptation state is put
+      back to its wrap-time value before every N-th adapting step, for any method. The steps
+      are counted on the device (a batch that raises or holds NaN/Inf does not count, as it
+      changes no state); deciding whether to reset reads that count on the host, one
+      synchronisation per step that only ``reset_every`` costs. The count is part of
+      ``state_dict()``; :meth:`reset` sets it back to 0.
     """
 
     def __init__(
@@ -103,6 +109,7 @@ class Adapted(nn.Module):
         *,
         num_streams: int = 1,
         input_ndim: int | None = None,
+        reset_every: int | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -117,6 +124,12 @@ class Adapted(nn.Module):
         self._adapting = True
         self._initial_model_state = copy.deepcopy(self.model.state_dict())
         self._initial_extra_state = copy.deepcopy(self.method.extra_state())
+        if reset_every is not None and (isinstance(reset_every, bool) or not isinstance(reset_every, int) or reset_every < 1):
+            raise ValueError(f"reset_every must be a positive number of steps or None, got {reset_every!r}")
+        self.reset_every = reset_every
+        #: adapting steps taken (finite batches only), on the device; the step of the last reset
+        self._steps: torch.Tensor | None = None
+        self._last_reset = 0
 
     # -- adaptation ----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,6 +152,8 @@ class Adapted(nn.Module):
                         layer.adapting = True
             if self.method.episodic:
                 self._restore_initial_state()
+            elif self.reset_every is not None:
+                self._reset_on_schedule()
             guard = self.method.guard()
             try:
                 out = self.method.step(self.model, x)
@@ -153,7 +168,18 @@ class Adapted(nn.Module):
                 commit_layers(layers, torch.isfinite(x).reshape(self.num_streams, -1).all(1))
             if guard:
                 guard.settle(x, out)
+            if self.reset_every is not None:
+                finite = torch.isfinite(x).all() & torch.isfinite(out).all()
+                count = torch.zeros((), dtype=torch.int64, device=out.device) if self._steps is None else self._steps
+                self._steps = count.to(out.device) + finite.to(torch.int64)
             return out
+
+    def _reset_on_schedule(self) -> None:
+        """RDumb's periodic reset: before every ``reset_every``-th step."""
+        steps = 0 if self._steps is None else int(self._steps)  # the one host read of the option
+        if steps and steps % self.reset_every == 0 and steps != self._last_reset:  # type: ignore[operator]
+            self._restore_initial_state()
+            self._last_reset = steps
 
     @contextlib.contextmanager
     def no_adapt(self) -> Iterator["Adapted"]:
@@ -170,9 +196,11 @@ class Adapted(nn.Module):
 
     # -- state ----------------------------------------------------------------------------
     def reset(self) -> None:
-        """Restore the exact state at wrap time (statistics, parameters, optimizer state)."""
+        """Restore the exact state at wrap time (statistics, parameters, optimizer state, and
+        the step count of ``reset_every``)."""
         with self._lock:
             self._restore_initial_state()
+            self._steps, self._last_reset = None, 0
 
     def _restore_initial_state(self) -> None:
         self.model.load_state_dict(self._initial_model_state)
@@ -181,7 +209,11 @@ class Adapted(nn.Module):
             layer.discard()
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"method": self.method_name, "state": self.method.extra_state()}
+        extra: dict[str, Any] = {"method": self.method_name, "state": self.method.extra_state()}
+        if self.reset_every is not None:
+            extra["schedule"] = {"steps": 0 if self._steps is None else self._steps.detach().cpu().clone(),
+                                 "last_reset": self._last_reset}
+        return extra
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         if state.get("method") != self.method_name:
@@ -189,6 +221,11 @@ class Adapted(nn.Module):
                 f"state was saved from method {state.get('method')!r}, this model runs {self.method_name!r}"
             )
         self.method.load_extra_state(state["state"])
+        schedule = state.get("schedule")
+        if self.reset_every is not None:
+            steps = schedule["steps"] if schedule else 0
+            self._steps = torch.as_tensor(steps, dtype=torch.int64)
+            self._last_reset = int(schedule["last_reset"]) if schedule else 0
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         with self._lock:
@@ -215,7 +252,8 @@ class Adapted(nn.Module):
             return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
-        return f"method={self.method.describe()}"
+        every = f", reset_every={self.reset_every}" if self.reset_every is not None else ""
+        return f"method={self.method.describe()}{every}"
 
 
 class AutoChoice(UserWarning):
@@ -243,6 +281,7 @@ def adapt(
     input_ndim: int | None | str = _INFER,
     seed: int = DEFAULT_SEED,
     input_check: str | None = None,
+    reset_every: int | None = None,
     **hparams: Any,
 ) -> Adapted:
     """Wrap ``model`` so that every call adapts it online.
@@ -267,6 +306,9 @@ def adapt(
             or ``"normalized"`` (it takes mean/std-normalized inputs): warn once when the first
             batches look scaled otherwise, e.g. 0-255 pixels (:mod:`tta.input_check`). Off by
             default.
+        reset_every: put the whole adaptation state back to its wrap-time value before every
+            ``reset_every``-th adapting step (RDumb's periodic reset, for any method; RDumb
+            resets every 1,000 batches); ``None`` never resets.
         **hparams: the method's hyperparameters (``<method>__<name>`` where a composition has
             the same name twice).
 
@@ -300,7 +342,7 @@ def adapt(
     if input_ndim == _INFER:
         input_ndim = infer_input_ndim(target)
     target = built.convert(target)
-    adapted = Adapted(target, built, num_streams=num_streams, input_ndim=input_ndim)  # type: ignore[arg-type]
+    adapted = Adapted(target, built, num_streams=num_streams, input_ndim=input_ndim, reset_every=reset_every)  # type: ignore[arg-type]
     adapted.auto_reason = reason
     adapted.input_check = check
     return adapted.eval()

@@ -164,6 +164,12 @@ def build_protocol(spec: RunSpec, model: nn.Module, method: Any, streams: Sequen
         data=data_protocol(spec, streams),
         setting=setting_protocol(spec, streams),
         metric=metric_protocol(spec),
-        method=MethodProtocol(name=spec.method, hparams=resolved_hparams(method)),
+        method=MethodProtocol(name=spec.method, hparams=_with_wrapper(resolved_hparams(method), spec.reset_every)),
         software=software_protocol(spec.device),
     )
+
+
+def _with_wrapper(hparams: dict[str, Any], reset_every: int | None) -> dict[str, Any]:
+    """The method's hyperparameters, plus the wrapper's periodic reset as a part of its own
+    when it is on (absent otherwise, so results without it keep their fingerprints)."""
+    return hparams if reset_every is None else {**hparams, "wrapper": {"reset_every": reset_every}}

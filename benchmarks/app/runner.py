@@ -189,7 +189,7 @@ def run(cfg: DictConfig | RunSpec) -> dict[str, Any]:
     logger.info("run %s-%s: %s on %s (%s)", safe_name(method), key, method_label(method, hparams), model_label(spec.model), out_dir)
     streams = build_domain_streams(stream_cfg) if spec.eval.multi_stream else [build_stream(stream_cfg)]
     # seed: the wrapper's generator, from which methods draw random state (UnMix-TNS)
-    adapted = tta.adapt(model, method_spec, num_streams=method_spec.num_streams, seed=spec.seed)
+    adapted = tta.adapt(model, method_spec, num_streams=method_spec.num_streams, seed=spec.seed, reset_every=spec.reset_every)
     protocol = build_protocol(spec, model, adapted.method, streams)
     fingerprint = protocol.fingerprint()
     checkpoint = None

@@ -119,6 +119,9 @@ class MethodConfig:
 
     name: str = "norm"
     hparams: Dict[str, Any] = field(default_factory=dict)
+    #: RDumb's periodic reset for any method: back to the source state before every N-th
+    #: batch (RDumb: 1000); null never resets (tta.adapt(..., reset_every=N))
+    reset_every: Optional[int] = None
 
 
 @dataclass
@@ -239,6 +242,7 @@ NON_IDENTITY_KEYS: tuple[str, ...] = (
 #: fields added after runs were recorded, left out of a run's identity at these values, so the
 #: runs made before them keep their keys (and their folders and finished results)
 IDENTITY_NEUTRAL_DEFAULTS: dict[str, Any] = {
+    "method.reset_every": None,
     "stream.recurrences": 1,
     "stream.walk_table": None,
     "stream.walk_target": 0.4,

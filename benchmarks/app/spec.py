@@ -37,6 +37,8 @@ class RunSpec:
     #: that prevented parsing it
     method_spec: MethodSpec | None
     method_error: str | None
+    #: RDumb's periodic reset of the wrapper (``method.reset_every``), or None
+    reset_every: int | None
     #: the stream definition, or the error that prevented building it
     stream: Any
     stream_error: str | None
@@ -104,6 +106,9 @@ class RunSpec:
             )
         except (ValueError, TypeError) as error:
             method_error = f"method {method!r} with hparams {hparams}: {error}"
+        reset_every = typed.method.reset_every
+        if reset_every is not None and reset_every < 1 and method_error is None:
+            method_error = f"method.reset_every must be a positive number of batches or null, got {reset_every}"
         resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         assert isinstance(resolved, dict)
         return cls(
@@ -115,6 +120,7 @@ class RunSpec:
             hparams=hparams,
             method_spec=method_spec,
             method_error=method_error,
+            reset_every=reset_every,
             stream=stream,
             stream_error=stream_error,
             num_classes=int(dataset.num_classes),

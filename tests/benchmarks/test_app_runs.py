@@ -144,3 +144,25 @@ def test_a_run_parses_its_method_once_into_the_spec_and_builds_it_once(tmp_path:
     monkeypatch.setattr(Method, "__init__", counting)
     runner.run(make(tmp_path, "method=unmix_tns_tent", "+method.hparams.k=4"))
     assert built == ["unmix_tns", "tent"]  # the two parts of the composition, once each
+
+
+def test_reset_every_reaches_the_wrapper_and_the_fingerprint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tta
+
+    seen = []
+    real_adapt = tta.adapt
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        adapted = real_adapt(*args, **kwargs)
+        seen.append(adapted.reset_every)
+        return adapted
+
+    monkeypatch.setattr(tta, "adapt", spy)
+    cfg = make(tmp_path, "method=tent", "method.reset_every=2")
+    runner.run(cfg)
+    record = read_record(tmp_path / "digits_quick" / run_id(cfg) / RECORD_NAME)
+    assert seen == [2] and record["protocol"]["method"]["hparams"]["wrapper"] == {"reset_every": 2}
+    plain = make(tmp_path, "method=tent")
+    runner.run(plain)
+    plain_record = read_record(tmp_path / "digits_quick" / run_id(plain) / RECORD_NAME)
+    assert "wrapper" not in plain_record["protocol"]["method"]["hparams"]
