@@ -64,6 +64,13 @@ ONLINE_ERROR_DEFINITION = (
     "online (predict-then-adapt) error: every sample is predicted once, by the forward call "
     "that also adapts on its batch; error = 1 - correct/samples"
 )
+COMPUTE_AWARE_ERROR = "compute_aware_online_error"
+COMPUTE_AWARE_ERROR_DEFINITION = (
+    "compute-aware online error (Alfarra et al., ICML 2024): the stream reveals batches at eta "
+    "times the plain-inference rate; a batch that arrives while an adapting step still runs "
+    "(ceil(step cost * eta) - 1 batches after it) is predicted by the latest model without "
+    "adapting; error = 1 - correct/samples"
+)
 
 _CHUNK = 1 << 20
 

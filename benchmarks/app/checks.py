@@ -95,6 +95,11 @@ def check_config(cfg: "DictConfig | RunSpec") -> RunSpec:
         problems += _check_data(config)
         if spec.eval.multi_stream and config.schedule != "reset_each_shift":
             problems.append("eval.multi_stream=true runs domains as parallel reset-each-shift streams; it needs stream.schedule=reset_each_shift")
+    eta, cost = spec.eval.online_eta, spec.eval.step_cost
+    if eta is not None and not 0.0 < float(eta) <= 1.0:
+        problems.append(f"eval.online_eta={eta} must be in (0, 1] (the stream's speed as a fraction of plain inference)")
+    if cost is not None and (eta is None or not float(cost) > 0.0):
+        problems.append(f"eval.step_cost={cost} needs eval.online_eta and must be a positive ratio to plain inference")
     if spec.runtime.checkpoint_every < 0:
         problems.append(f"runtime.checkpoint_every={spec.runtime.checkpoint_every} must be >= 0 (0: no checkpoints)")
     problems += check_model_config(spec.model)

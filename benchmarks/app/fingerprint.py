@@ -16,6 +16,8 @@ from benchmarks.app.models import Normalized, checkpoint_path, model_label
 from benchmarks.app.preprocessing import input_protocol_fields
 from benchmarks.app.spec import RunSpec
 from benchmarks.protocol import (
+    COMPUTE_AWARE_ERROR,
+    COMPUTE_AWARE_ERROR_DEFINITION,
     RESET_POLICIES,
     DataProtocol,
     InputProtocol,
@@ -153,7 +155,15 @@ def metric_protocol(spec: RunSpec) -> MetricProtocol:
         if spec.stream.schedule == "gradual"
         else "mean over domains of the per-domain online error (all samples of a domain pooled)"
     )
-    return MetricProtocol(averaging=averaging, ece_bins=int(spec.eval.n_bins), window=int(spec.eval.window))
+    common = {"averaging": averaging, "ece_bins": int(spec.eval.n_bins), "window": int(spec.eval.window)}
+    if spec.eval.online_eta is None:
+        return MetricProtocol(**common)
+    cost = "measured on every adapting batch" if spec.eval.step_cost is None else f"declared {float(spec.eval.step_cost):g}"
+    return MetricProtocol(
+        name=COMPUTE_AWARE_ERROR,
+        definition=f"{COMPUTE_AWARE_ERROR_DEFINITION} (eta {float(spec.eval.online_eta):g}; step cost {cost})",
+        **common,
+    )
 
 
 def build_protocol(spec: RunSpec, model: nn.Module, method: Any, streams: Sequence[Any]) -> Protocol:

@@ -58,10 +58,16 @@ def method_label(name: str, hparams: dict[str, Any]) -> str:
 
 
 def setting_of(spec: RunSpec, stream: Any) -> dict[str, Any]:
-    """What a run was evaluated on, apart from the method and the seed (the report's columns)."""
+    """What a run was evaluated on, apart from the method and the seed (the report's columns).
+    The compute-aware protocol's fields appear only when it is on, so the settings of runs
+    recorded before it existed are unchanged."""
     from benchmarks.streams.config import STANDARD_DOMAINS
 
     order = stream.effective_label_order
+    compute: dict[str, Any] = {}
+    if spec.eval.online_eta is not None:
+        cost = spec.eval.step_cost
+        compute = {"online_eta": float(spec.eval.online_eta), "step_cost": "measured" if cost is None else float(cost)}
     return {
         "model": model_label(spec.model),
         "dataset": stream.dataset + ("(files)" if stream.source == "files" else ""),
@@ -77,6 +83,7 @@ def setting_of(spec: RunSpec, stream: Any) -> dict[str, Any]:
         "batch_size": int(stream.batch_size),
         "n_examples": stream.n_examples,
         "replays": int(stream.replays),
+        **compute,
     }
 
 
@@ -179,7 +186,7 @@ def run(cfg: DictConfig | RunSpec) -> dict[str, Any]:
     hparams = dict(method_spec.given)
 
     import tta
-    from benchmarks.evaluation import StreamCheckpoint, evaluate, evaluate_multi_stream, write_results
+    from benchmarks.evaluation import ComputeBudget, StreamCheckpoint, evaluate, evaluate_multi_stream, write_results
     from benchmarks.streams import build_domain_streams, build_stream
 
     tick = time.perf_counter()
@@ -198,7 +205,14 @@ def run(cfg: DictConfig | RunSpec) -> dict[str, Any]:
             out_dir / CHECKPOINT_NAME, spec.runtime.checkpoint_every, fingerprint,
             protocol=protocol.to_dict(), resume=spec.runtime.resume,
         )
-    common = {"window": int(spec.eval.window), "n_bins": int(spec.eval.n_bins), "progress": progress, "device": device}
+    budget = None
+    if spec.eval.online_eta is not None:
+        cost = None if spec.eval.step_cost is None else float(spec.eval.step_cost)
+        budget = ComputeBudget(float(spec.eval.online_eta), plain_model=model.eval(), cost=cost, device=device)
+    common = {
+        "window": int(spec.eval.window), "n_bins": int(spec.eval.n_bins), "progress": progress, "device": device,
+        "budget": budget,
+    }
     try:
         if spec.eval.multi_stream:
             results = evaluate_multi_stream(adapted, streams, checkpoint=checkpoint, **common)
@@ -220,6 +234,7 @@ def run(cfg: DictConfig | RunSpec) -> dict[str, Any]:
         "method": {"name": method, "hparams": hparams, "label": method_label(method, hparams)},
         "setting": setting_of(spec, stream_cfg),
         "summary": summarize(results, stream_cfg.schedule, int(spec.eval.window)),
+        **({"compute": budget.summary()} if budget is not None else {}),
         "identity": spec.identity,
         "fingerprint": fingerprint,
         "protocol": protocol.to_dict(),

@@ -180,6 +180,14 @@ class EvalConfig:
     #: run the domains of a reset_each_shift stream as parallel streams through one batched
     #: forward (statistics methods only; same per-domain results, faster)
     multi_stream: bool = False
+    #: compute-aware evaluation (Alfarra et al., ICML 2024): the stream reveals batches at this
+    #: fraction of the plain-inference rate, in (0, 1]; a method adapts only on the batches its
+    #: step time lets it reach (benchmarks/evaluation/compute_budget.py). None: every batch.
+    online_eta: Optional[float] = None
+    #: the step cost (step time over plain-inference time) of the compute-aware evaluation;
+    #: None measures it on every adapting batch as the official code does, a number declares
+    #: it (reproducible on any machine)
+    step_cost: Optional[float] = None
 
 
 @dataclass
@@ -251,6 +259,8 @@ IDENTITY_NEUTRAL_DEFAULTS: dict[str, Any] = {
     "stream.walk_steps": 100,
     "stream.walk_transition": 5,
     "stream.walk_dwell": 5,
+    "eval.online_eta": None,
+    "eval.step_cost": None,
 }
 
 SCHEMA_NAME = "tta_bench_schema"

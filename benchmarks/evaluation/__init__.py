@@ -11,6 +11,7 @@ Typical use::
 """
 
 from benchmarks.evaluation.checkpoint import CheckpointMismatch, StreamCheckpoint
+from benchmarks.evaluation.compute_budget import ComputeBudget
 from benchmarks.evaluation.memory import PeakMemory, process_peak_rss_mb
 from benchmarks.evaluation.metrics import (
     DEFAULT_ECE_BINS,
@@ -29,6 +30,7 @@ from benchmarks.evaluation.writers import rows_to_csv, write_results
 __all__ = [
     "DEFAULT_ECE_BINS",
     "CheckpointMismatch",
+    "ComputeBudget",
     "ROW_FIELDS",
     "EvalResult",
     "OnlineRecorder",

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.evaluation.checkpoint import CheckpointMismatch, StreamCheckpoint
+from benchmarks.evaluation.compute_budget import ComputeBudget
 from benchmarks.evaluation.memory import PeakMemory, synchronize
 from benchmarks.evaluation.metrics import DEFAULT_ECE_BINS
 from benchmarks.evaluation.recorder import OnlineRecorder
@@ -121,6 +122,7 @@ def evaluate_multi_stream(
     names: Sequence[str] | None = None,
     device: torch.device | str | None = None,
     checkpoint: StreamCheckpoint | None = None,
+    budget: ComputeBudget | None = None,
 ) -> list[EvalResult]:
     """Evaluate S aligned streams together; one :class:`EvalResult` per stream.
 
@@ -136,6 +138,10 @@ def evaluate_multi_stream(
         device: device for the memory measurement (defaults to the first stream's).
         checkpoint: as in :func:`benchmarks.evaluation.evaluate` (one checkpoint holds all
             S streams' records).
+        budget: compute-aware evaluation (:mod:`benchmarks.evaluation.compute_budget`): the
+            model adapts only on the batches its step time lets it reach and predicts the
+            others without adapting (``model`` must then be a ``tta.Adapted``); None adapts
+            on every batch.
 
     Timing and memory are of the joint loop; each result's ``num_streams`` is S and its
     images/s counts the images of all streams.
@@ -162,6 +168,8 @@ def evaluate_multi_stream(
             recorder.load_state_dict(state, dev)
         position = int(resumed["position"])
         model_seconds, earlier_seconds = resumed["extra"]["model_seconds"], resumed["extra"]["seconds"]
+        if budget is not None:
+            budget.load_state_dict(resumed["extra"]["budget"])
     lengths = [len(s) if hasattr(s, "__len__") else None for s in streams]  # type: ignore[arg-type]
     num_steps = lengths[0] if all(n is not None for n in lengths) else None
     bar = tqdm(total=total, unit="img", desc=names[0] if num == 1 else f"{num} streams", disable=not progress)
@@ -176,7 +184,7 @@ def evaluate_multi_stream(
             size = len(batches[0])
             images = torch.cat([b.images for b in batches]) if num > 1 else batches[0].images
             tick = time.perf_counter()
-            output = model(images)
+            output = model(images) if budget is None else budget(model, images)
             synchronize(dev)
             model_seconds += time.perf_counter() - tick
             if output.ndim != 2 or output.shape[0] != size * num:
@@ -189,7 +197,10 @@ def evaluate_multi_stream(
                     model=model,  # type: ignore[arg-type]
                     position=step + 1,
                     recorders=[r.state_dict() for r in recorders],
-                    extra={"model_seconds": model_seconds, "seconds": earlier_seconds + time.perf_counter() - start},
+                    extra={
+                        "model_seconds": model_seconds, "seconds": earlier_seconds + time.perf_counter() - start,
+                        **({"budget": budget.state_dict()} if budget is not None else {}),
+                    },
                 )
         synchronize(dev)
         seconds = earlier_seconds + time.perf_counter() - start

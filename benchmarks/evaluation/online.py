@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from benchmarks.evaluation.checkpoint import StreamCheckpoint
+from benchmarks.evaluation.compute_budget import ComputeBudget
 from benchmarks.evaluation.metrics import DEFAULT_ECE_BINS
 from benchmarks.evaluation.multi_stream import Model, evaluate_multi_stream
 from benchmarks.evaluation.results import EvalResult
@@ -34,6 +35,7 @@ def evaluate(
     device: torch.device | str | None = None,
     config: dict[str, Any] | None = None,
     checkpoint: StreamCheckpoint | None = None,
+    budget: ComputeBudget | None = None,
 ) -> EvalResult:
     """Run ``model`` online over ``stream`` and measure it: the one-stream case of
     :func:`benchmarks.evaluation.evaluate_multi_stream`.
@@ -52,10 +54,11 @@ def evaluate(
         checkpoint: write a resumable checkpoint every ``checkpoint.every`` batches and, when
             one of the same fingerprint exists, continue from it (``model`` must then be an
             ``nn.Module``, e.g. ``tta.Adapted``); the result equals an uninterrupted run's.
+        budget: compute-aware evaluation (:class:`~benchmarks.evaluation.ComputeBudget`).
     """
     (result,) = evaluate_multi_stream(
         model, [stream], reset=reset, window=window, n_bins=n_bins, progress=progress, names=[name],
-        device=device, checkpoint=checkpoint,
+        device=device, checkpoint=checkpoint, budget=budget,
     )
     if config is not None:
         result.config = config

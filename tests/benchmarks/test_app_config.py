@@ -199,13 +199,14 @@ def test_method_group_yaml_is_name_plus_hparams() -> None:
 
 
 def test_fields_added_later_leave_earlier_run_keys_unchanged() -> None:
-    from benchmarks.app.schema import IDENTITY_NEUTRAL_DEFAULTS, MethodConfig, StreamSchema
+    from benchmarks.app.schema import IDENTITY_NEUTRAL_DEFAULTS, EvalConfig, MethodConfig, StreamSchema
 
     base = run_key(identity(make(["experiment=digits_quick"])))
     assert "recurrences" not in identity(make(["experiment=digits_quick"]))["stream"]
     assert run_key(identity(make(["experiment=digits_quick", "stream.recurrences=3"]))) != base
     assert run_key(identity(make(["experiment=digits_quick", "method.reset_every=1000"]))) != base
-    defaults = {"stream": StreamSchema(), "method": MethodConfig()}
+    assert run_key(identity(make(["experiment=digits_quick", "eval.online_eta=1.0"]))) != base
+    defaults = {"stream": StreamSchema(), "method": MethodConfig(), "eval": EvalConfig()}
     for dotted, neutral in IDENTITY_NEUTRAL_DEFAULTS.items():  # the neutral values are the defaults
         group, name = dotted.split(".", 1)
         assert getattr(defaults[group], name) == neutral
