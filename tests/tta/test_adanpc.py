@@ -48,6 +48,9 @@ def test_knn_vote_on_a_2d_memory_by_hand() -> None:
     scores = knn_vote(query, memory, labels, num_classes=3, k=10, temperature=1.0)
     expected = torch.tensor([[e[0] / sum(e), (e[1] + e[2]) / sum(e), 0.0]]) + SCORE_EPS
     torch.testing.assert_close(scores, expected, rtol=0, atol=1e-6)
+    # the memory in chunks (source, then test entries) votes as one
+    chunked = knn_vote(query, (memory[:1], memory[1:]), (labels[:1], labels[1:]), num_classes=3, k=10, temperature=1.0)
+    torch.testing.assert_close(chunked, scores, rtol=0, atol=1e-7)
 
 
 def test_confidence_is_the_softmax_of_the_scores() -> None:

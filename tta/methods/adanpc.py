@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +75,12 @@ def frozen_statistics(model: nn.Module) -> Iterator[None]:
 
 
 def knn_vote(
-    features: torch.Tensor, memory: torch.Tensor, labels: torch.Tensor, num_classes: int, k: int, temperature: float
+    features: torch.Tensor,
+    memory: torch.Tensor | Sequence[torch.Tensor],
+    labels: torch.Tensor | Sequence[torch.Tensor],
+    num_classes: int,
+    k: int,
+    temperature: float,
 ) -> torch.Tensor:
     """Class scores ``(N, C)`` of a temperature-weighted vote of the k nearest memory entries.
 
@@ -83,9 +88,14 @@ def knn_vote(
     normalized; ``labels`` ``(M,)``. With ``s_ij`` the cosine similarity of sample i and entry
     j and ``K_i`` the ``min(k, M)`` largest, ``w_ij = softmax_{j in K_i}(s_ij / tau)`` and
     ``score_ic = sum_{j in K_i, y_j = c} w_ij``; returned ``min(score + 1e-5, 1)`` (the
-    official guard against log 0)."""
-    sims = F.normalize(features.float(), dim=1) @ memory.T
-    top, index = sims.topk(min(int(k), memory.shape[0]), dim=1)
+    official guard against log 0). ``memory`` and ``labels`` may be given in consecutive
+    chunks (the source entries, then the test entries): the similarities are computed per
+    chunk, so the large source part is never copied."""
+    chunks = [memory] if isinstance(memory, torch.Tensor) else list(memory)
+    labels = labels if isinstance(labels, torch.Tensor) else torch.cat(list(labels))
+    normalized = F.normalize(features.float(), dim=1)
+    sims = torch.cat([normalized @ chunk.T for chunk in chunks], dim=1) if len(chunks) > 1 else normalized @ chunks[0].T
+    top, index = sims.topk(min(int(k), sims.shape[1]), dim=1)
     weights = torch.softmax(top / temperature, dim=1)
     votes = torch.zeros(features.shape[0], num_classes, device=features.device, dtype=weights.dtype)
     votes.scatter_add_(1, labels[index], weights)
@@ -202,10 +212,9 @@ class AdaNPC(Method):
         source, source_labels = self.source_features.to(device), self.source_labels.to(device)
         memory, memory_labels = self.memory.to(device), self.memory_labels.to(device)
         if memory.shape[0]:  # source and test entries, in that order (the official memory's)
-            bank = torch.cat([source, memory])
-            bank_labels = torch.cat([source_labels, memory_labels])
+            bank, bank_labels = (source, memory), (source_labels, memory_labels)
         else:
-            bank, bank_labels = source, source_labels
+            bank, bank_labels = (source,), (source_labels,)
         hp = self.hparams
         return logits, features, knn_vote(features, bank, bank_labels, self.num_classes, hp.k, hp.temperature)
 
