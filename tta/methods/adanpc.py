@@ -131,7 +131,9 @@ class AdaNPC(Method):
     Source entries are configuration (fixed after wrapping, saved with ``state_dict()``); the
     test entries are declared state (guarded, restored by ``reset()``). One host
     synchronisation per step: how many samples join (the memory's size depends on it, as in
-    the official code).
+    the official code); on a step where the memory grew, the guard reads its finiteness flag
+    too (as for any growing bank, :class:`tta.methods.state.StateGuard`). Cost: the model's
+    forward plus one ``(N, D) x (D, M)`` product and a top-k over the M entries.
 
     Deviations: the official memory starts with one random, unnormalized row labelled 0 (a
     placeholder of ``MomentumQueue(..., queue_size=1)``) that stays in the memory and can vote;
