@@ -80,6 +80,8 @@ def make(method: str, kind: str) -> tta.Adapted:
     hparams = dict(HPARAMS.get(last, {}))
     if last == "eata":
         hparams["fisher_loader"] = data(2, seed=7)
+    if last == "adanpc":  # labelled source data for the kNN memory (required)
+        hparams["source_loader"] = [(x, torch.arange(x.shape[0]) % 4) for x in data(2, seed=7)]
     return tta.adapt(model, method, **hparams)
 
 

@@ -33,6 +33,11 @@ class AlphaBN(StatisticsMethod):
 
     ``layers="spatial"`` (default, the BN-alpha reference) adapts BatchNorm2d/3d and keeps
     BatchNorm1d layers at their source statistics; ``layers="all"`` mixes in BatchNorm1d too.
+
+    Not implemented: the paper's "Core" loss (alpha-BN plus an online objective on pairwise
+    class correlations of the batch's predictions). Its equation could not be found in any
+    source available to us (the abstract names it only; third-party notes show it as an
+    image), so no version of it is offered rather than a guessed one (docs/METHODS.md §11).
     """
 
     name = "alpha_bn"
