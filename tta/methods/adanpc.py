@@ -113,7 +113,7 @@ class AdaNPC(Method):
     """AdaNPC (Zhang et al., "AdaNPC: Exploring Non-Parametric Classifier for Test-Time
     Adaptation", ICML 2023, arXiv 2304.12566; official code yfzhang114/AdaNPC,
     ``domainbed/adapt_algorithms.py`` ``AdaNPC`` and ``domainbed/knn.py`` ``MomentumQueue``).
-    See docs/METHODS.md §10.6.
+    See docs/METHODS.md §10.7.
 
     The model is frozen; its linear head is replaced by a k-nearest-neighbour classifier on
     the penultimate features f (the input of the classifier layer, :mod:`tta.features`):
