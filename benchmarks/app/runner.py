@@ -125,6 +125,9 @@ def summarize(results: list[Any], schedule: str, window: int) -> dict[str, Any]:
             segments.append({**seg, "start": int(seg["start"]) + offset, "stop": int(seg["stop"]) + offset})
         offset += len(r.records)
     headline = list(pair_errors.values()) if schedule == "gradual" else list(domain_errors.values())
+    # per visit of a recurring stream, averaged over the parallel streams (empty otherwise)
+    visits = [r.recurrence_errors() for r in results]
+    recurrence_errors = [float(np.mean(v)) for v in zip(*visits)] if visits and all(visits) else []
     seconds = max((r.seconds for r in results), default=0.0)
     model_seconds = max((r.model_seconds for r in results), default=0.0)
     images = int(correct.size)
@@ -144,7 +147,16 @@ def summarize(results: list[Any], schedule: str, window: int) -> dict[str, Any]:
         "peak_memory_kind": results[0].peak_memory_kind if results else "",
         "curve": {"window": window, "start": curve_start, "stop": curve_stop, "error": curve_error},
         "segments": segments,
+        **({"recurrence_errors": recurrence_errors} if recurrence_errors else {}),
     }
+
+
+def _visits(summary: dict[str, Any]) -> str:
+    """The first and last visit of a recurring stream, where a slow collapse shows."""
+    visits = summary.get("recurrence_errors") or []
+    if not visits:
+        return ""
+    return f", visit 1 {100 * visits[0]:.2f}% -> visit {len(visits)} {100 * visits[-1]:.2f}%"
 
 
 def summary_line(record: dict[str, Any], *, skipped: bool = False) -> str:
@@ -155,7 +167,7 @@ def summary_line(record: dict[str, Any], *, skipped: bool = False) -> str:
     return (
         f"{head} | {record['method']['label']} | {setting['model']} | {setting['dataset']} {setting['schedule']} {order} "
         f"seed={record.get('seed')} | mean error {100 * s['mean_error']:.2f}% over {len(s['domain_errors'])} domains, "
-        f"overall {100 * s['error']:.2f}% | {s['num_samples']} images in {s['seconds']:.1f} s "
+        f"overall {100 * s['error']:.2f}%{_visits(s)} | {s['num_samples']} images in {s['seconds']:.1f} s "
         f"| {record['_dir'] if '_dir' in record else record.get('run_id')}"
     )
 

@@ -7,7 +7,13 @@ Table scopes (one row each):
   the mean over segments is the headline number of the official code (one loader per pass);
 * ``domain``: all samples of a domain (recovered from per-sample tags in mixed streams);
 * ``domain_severity``: all samples of a (domain, severity) pair (gradual visits 1-4 twice);
+* ``recurrence``: one visit of the whole schedule of a recurring stream (PeTTA's protocol;
+  ``stream.recurrences > 1`` only), with its sample range in ``window_start``/``window_stop``;
+  a slow collapse shows as a rising error from visit to visit;
 * ``window``: consecutive windows of a fixed number of samples, in stream order.
+
+The ``recurrence`` column holds the visit of ``segment`` and ``recurrence`` rows of a
+recurring stream and is empty otherwise.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ ROW_FIELDS: tuple[str, ...] = (
     "domain",
     "severity",
     "segment",
+    "recurrence",
     "window_start",
     "window_stop",
     "n_samples",
@@ -95,6 +102,30 @@ class EvalResult:
     def segment_errors(self) -> list[float]:
         return [error_rate(self.records.correct[m]) for _, m in self._groups(self.records.segment)]
 
+    def sample_recurrence(self) -> np.ndarray | None:
+        """The visit of every sample of a recurring stream (from the stream's segments), else None."""
+        segments = (self.config or {}).get("segments") or []
+        if not segments or "recurrence" not in segments[0]:
+            return None
+        visit = np.array([int(seg["recurrence"]) for seg in segments], dtype=np.int64)
+        return visit[self.records.segment]
+
+    def recurrence_errors(self) -> list[float]:
+        """Per visit of a recurring stream, the headline error of that visit alone: the mean
+        over its domains (gradual schedules: over its (domain, severity) pairs) of the online
+        error; empty for a stream that does not recur."""
+        visit = self.sample_recurrence()
+        if visit is None:
+            return []
+        r = self.records
+        gradual = (self.config or {}).get("schedule") == "gradual"
+        keys = r.domain_id * 1000 + r.severity if gradual else r.domain_id
+        out = []
+        for v in np.unique(visit):
+            inside = visit == v
+            out.append(_mean([error_rate(r.correct[inside & (keys == k)]) for k in np.unique(keys[inside])]))
+        return out
+
     def domain_severity_errors(self) -> dict[tuple[str, int], float]:
         out = {}
         for (d, s), m in self._pair_groups():
@@ -127,6 +158,7 @@ class EvalResult:
             "error_at_severity": {
                 str(s): _mean([e for (_, sev), e in pairs.items() if sev == s]) for s in severities
             },
+            **({"recurrence_errors": recurrences} if (recurrences := self.recurrence_errors()) else {}),
             "seconds": self.seconds,
             "model_seconds": self.model_seconds,
             "images_per_s": _rate(total_images, self.seconds),
@@ -138,11 +170,21 @@ class EvalResult:
     # -- tidy table ----------------------------------------------------------------------------
     def rows(self) -> list[dict[str, Any]]:
         r = self.records
+        visit = self.sample_recurrence()
         rows = [self._row("overall", "all", None, None, np.ones(len(r), dtype=bool))]
         for k, m in self._groups(r.segment):
             present = np.unique(r.domain_id[m])
             name = self.domains[int(present[0])] if len(present) == 1 else MIXED
-            rows.append(self._row("segment", name, int(r.severity[m][0]), k, m))
+            row = self._row("segment", name, int(r.severity[m][0]), k, m)
+            if visit is not None:
+                row["recurrence"] = int(visit[m][0])
+            rows.append(row)
+        if visit is not None:
+            for v, m in self._groups(visit):
+                row = self._row("recurrence", None, None, None, m)
+                where = np.flatnonzero(m)
+                row.update(recurrence=v, window_start=int(where[0]), window_stop=int(where[-1]) + 1)
+                rows.append(row)
         for d, m in self._groups(r.domain_id):
             rows.append(self._row("domain", self.domains[d], None, None, m))
         for (d, s), m in self._pair_groups():
@@ -172,6 +214,7 @@ class EvalResult:
             "domain": domain,
             "severity": severity,
             "segment": segment,
+            "recurrence": None,
             "window_start": None,
             "window_stop": None,
             "n_samples": int(correct.size),

@@ -257,7 +257,9 @@ class Stream:
             "num_classes": self.num_classes,
             "segments": [
                 {"domain": s.name, "severity": s.severity, "reset": s.reset,
-                 "start": int(self.plan.segment_bounds[i]), "stop": int(self.plan.segment_bounds[i + 1])}
+                 "start": int(self.plan.segment_bounds[i]), "stop": int(self.plan.segment_bounds[i + 1]),
+                 # the visit of a recurring stream (absent otherwise: older result files stay as they were)
+                 **({"recurrence": int(s.recurrence)} if self.config.recurrences > 1 else {})}
                 for i, s in enumerate(self.plan.segments)
             ],
         }

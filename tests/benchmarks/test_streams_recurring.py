@@ -115,3 +115,43 @@ def test_class_temporal_matches_the_official_sampler(variable: str, relative: st
     generator = np.random.RandomState(5)  # the same draws, in the same order, domain by domain
     ours = [300 * d + class_temporal_order(domain_labels, 10, gamma, generator) for d, domain_labels in enumerate(labels)]
     assert np.concatenate(ours).tolist() == [int(i) for i in expected]
+
+
+def test_results_give_the_error_of_every_visit() -> None:
+    """The per-visit rows and the per-visit headline agree with the records split by the plan's
+    visit of every sample (a model whose prediction changes from batch to batch)."""
+    import torch
+
+    from benchmarks.evaluation import evaluate
+    from benchmarks.streams import build_stream
+    from tests.benchmarks.test_streams import RecordingCorruption
+
+    arrays = tiny_arrays(n=96, num_classes=4)
+    config = StreamConfig(domains=DOMAINS, batch_size=16, recurrences=3)
+    stream = build_stream(config, GeneratedSource(arrays), corrupt_fn=RecordingCorruption())
+    calls = []
+
+    def varying(x: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        logits = torch.zeros(x.shape[0], 4)
+        logits[:, (len(calls) * 7) % 5 % 4] = 1.0
+        return logits
+
+    result = evaluate(varying, stream, progress=False)
+    visit = result.sample_recurrence()
+    assert np.array_equal(visit, stream.plan.recurrence())
+    r = result.records
+    expected = []
+    for v in range(3):
+        inside = visit == v
+        expected.append(np.mean([1 - r.correct[inside & (r.domain_id == d)].mean() for d in range(len(DOMAINS))]))
+    assert result.recurrence_errors() == pytest.approx(expected)
+    rows = [row for row in result.rows() if row["scope"] == "recurrence"]
+    n = stream.num_samples // 3
+    assert [(row["recurrence"], row["window_start"], row["window_stop"]) for row in rows] == [(v, v * n, (v + 1) * n) for v in range(3)]
+    assert all(row["recurrence"] is not None for row in result.rows() if row["scope"] == "segment")
+    assert result.summary()["recurrence_errors"] == pytest.approx(expected)
+    once = evaluate(varying, build_stream(config.replace(recurrences=1), GeneratedSource(arrays),
+                                            corrupt_fn=RecordingCorruption()), progress=False)
+    assert once.recurrence_errors() == [] and "recurrence_errors" not in once.summary()
+    assert not [row for row in once.rows() if row["scope"] == "recurrence" or row["recurrence"] is not None]
