@@ -146,6 +146,9 @@ class SettingProtocol:
     seeds: Mapping[str, int]
     #: sha256 of the per-sample plan (source row, label, domain, severity, draw id, batch cuts)
     order_sha256: str
+    #: parameters of the schedule beyond its name (recurrences, a ccc walk and its table);
+    #: left out of the block when empty, so earlier results keep their fingerprints
+    schedule_params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -205,6 +208,12 @@ class Protocol(_Record):
     software: SoftwareProtocol
     schema: str = PROTOCOL_SCHEMA
     version: int = PROTOCOL_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if not out["setting"].get("schedule_params"):
+            out["setting"].pop("schedule_params", None)
+        return out
 
 
 @dataclass(frozen=True)
@@ -510,6 +519,8 @@ RESET_POLICIES = {
     "continual": "reset once at the start, never at domain shifts",
     "mixed": "reset once at the start; domains mixed within batches",
     "gradual": "reset once at the start; severities ramp 1..5..1 per domain",
+    "ccc": "reset once at the start; a walk over (corruption, severity) states of calibrated source "
+    "accuracy, blending from one state into the next",
 }
 
 

@@ -133,6 +133,15 @@ def setting_protocol(spec: RunSpec, streams: Sequence[Any]) -> SettingProtocol:
     if config.imbalance_factor is not None:
         params["imbalance_factor"] = float(config.imbalance_factor)
         params["imbalance_order"] = config.imbalance_order
+    schedule_params: dict[str, Any] = {}
+    if config.recurrences > 1:
+        schedule_params["recurrences"] = int(config.recurrences)
+    if config.schedule == "ccc":
+        schedule_params["walk"] = {
+            "table_sha256": hashlib.sha256(Path(streams[0].config.walk_table).read_bytes()).hexdigest(),  # the table built
+            "target": float(config.walk_target), "band": float(config.walk_band), "speed": int(config.walk_speed),
+            "steps": int(config.walk_steps), "transition": int(config.walk_transition), "dwell": int(config.walk_dwell),
+        }
     policy = RESET_POLICIES[config.schedule]
     if spec.num_streams > 1:
         policy += f" (the domains run as {spec.num_streams} parallel streams, each reset at its start)"
@@ -146,6 +155,7 @@ def setting_protocol(spec: RunSpec, streams: Sequence[Any]) -> SettingProtocol:
         replays=int(config.replays),
         seeds={"run": spec.seed, "stream": int(config.seed), "corruption": int(config.corruption_seed)},
         order_sha256=_combined([stream_order_sha256(s) for s in streams]),
+        schedule_params=schedule_params,
     )
 
 

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from benchmarks.app.ccc_calibration import AUTO as CCC_AUTO
+from benchmarks.app.ccc_calibration import ensure_table as ensure_ccc_table
 from benchmarks.app.checks import check_config
 from benchmarks.app.errors import BenchConfigError
 from benchmarks.app.fingerprint import build_protocol
@@ -206,6 +208,8 @@ def run(cfg: DictConfig | RunSpec) -> dict[str, Any]:
     _check_output_classes(model, int(spec.model.num_classes or spec.num_classes), spec.image_size, device)
     torch.manual_seed(spec.seed)  # any code that still draws from the global RNG
     logger.info("run %s-%s: %s on %s (%s)", safe_name(method), key, method_label(method, hparams), model_label(spec.model), out_dir)
+    if stream_cfg.schedule == "ccc" and stream_cfg.walk_table == CCC_AUTO:
+        stream_cfg = stream_cfg.replace(walk_table=str(ensure_ccc_table(model, stream_cfg, spec.paths.cache_dir)))
     streams = build_domain_streams(stream_cfg) if spec.eval.multi_stream else [build_stream(stream_cfg)]
     # seed: the wrapper's generator, from which methods draw random state (UnMix-TNS)
     adapted = tta.adapt(model, method_spec, num_streams=method_spec.num_streams, seed=spec.seed, reset_every=spec.reset_every)

@@ -81,6 +81,10 @@ class RunSpec:
         except Exception as error:  # noqa: BLE001 - OmegaConf's interpolation/validation errors
             raise BenchConfigError(f"invalid benchmark config: {error}") from None
         stream_values = plain_values(dataclasses.asdict(typed.stream))
+        if stream_values.get("schedule") == "ccc" and stream_values.get("walk_table") is None:
+            from benchmarks.app.ccc_calibration import AUTO
+
+            stream_values["walk_table"] = AUTO  # measured for the run's model by the runner
         dataset = typed.dataset
         stream, stream_error = None, None
         try:

@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.files import atomic_write_text
+
 #: (corruption, severity) -> accuracy of the source model, in [0, 1]
 AccuracyTable = dict[tuple[str, int], float]
 
@@ -138,7 +140,7 @@ def calibrate(
 
 def save_table(table: AccuracyTable, path: str | Path, **meta: object) -> None:
     rows = [{"corruption": c, "severity": s, "accuracy": a} for (c, s), a in sorted(table.items())]
-    Path(path).write_text(json.dumps({"meta": meta, "table": rows}, indent=1))
+    atomic_write_text(path, json.dumps({"meta": meta, "table": rows}, indent=1))
 
 
 def load_table(path: str | Path) -> AccuracyTable:

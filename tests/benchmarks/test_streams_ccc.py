@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -74,3 +77,44 @@ def test_ccc_stream_follows_the_walk(tmp_path) -> None:
     assert torch.equal(again.batch(5).images, stream.batch(5).images)
     with pytest.raises(ValueError, match="walk_table"):
         StreamConfig(schedule="ccc")
+
+
+def test_the_app_measures_and_caches_the_table_when_the_config_names_none(tmp_path) -> None:
+    from hydra import compose, initialize_config_module
+
+    import benchmarks.app  # noqa: F401
+    import benchmarks.app.runner as runner
+    from benchmarks.app.ccc_calibration import CALIBRATION_IMAGES
+    from benchmarks.app.identity import run_id
+    from benchmarks.app.records import RECORD_NAME, read_record
+    from benchmarks.models.digits import digits_source_model
+
+    digits_source_model()
+
+    def make(*overrides: str):  # noqa: ANN202
+        with initialize_config_module(config_module="conf", version_base="1.3"):
+            return compose(config_name="config", overrides=[
+                "experiment=digits_quick", "stream=ccc", "stream.domains=[gaussian_noise,contrast]",
+                "stream.walk_steps=4", "stream.walk_speed=48", "stream.walk_target=0.6", "stream.walk_band=0.4",
+                "stream.batch_size=16", "runtime.progress=false", f"paths.output_root={tmp_path / 'out'}",
+                f"paths.cache_dir={tmp_path / 'cache'}", *overrides,
+            ])
+
+    cfg = make("method=norm")
+    runner.run(cfg)
+    (table_file,) = (tmp_path / "cache" / "ccc_tables").glob("*.json")
+    table = load_table(table_file)
+    assert sorted(table) == [(c, s) for c in ("contrast", "gaussian_noise") for s in (1, 2, 3, 4, 5)]
+    meta = json.loads(table_file.read_text())["meta"]
+    assert meta["images"] == CALIBRATION_IMAGES and meta["corruptions"] == ["contrast", "gaussian_noise"]
+    record = read_record(tmp_path / "out" / "digits_quick" / run_id(cfg) / RECORD_NAME)
+    walk = record["protocol"]["setting"]["schedule_params"]["walk"]
+    assert walk["table_sha256"] == hashlib.sha256(table_file.read_bytes()).hexdigest() and walk["steps"] == 4
+    assert record["summary"]["num_samples"] == 4 * 48
+    stamp = table_file.stat().st_mtime_ns
+    runner.run(make("method=tent"))  # the same model: the cached table, not measured again
+    assert table_file.stat().st_mtime_ns == stamp and len(list((tmp_path / "cache" / "ccc_tables").glob("*.json"))) == 1
+    plain = make("method=norm", "stream=continual")
+    runner.run(plain)
+    plain_record = read_record(tmp_path / "out" / "digits_quick" / run_id(plain) / RECORD_NAME)
+    assert "schedule_params" not in plain_record["protocol"]["setting"]  # earlier fingerprints unchanged
