@@ -36,6 +36,11 @@ def data(n: int = 3, batch_size: int = 6, seed: int = 1) -> list[torch.Tensor]:
     return batches(n, batch_size=batch_size, seed=seed)
 
 
+def needs(method: str) -> dict[str, typing.Any]:
+    """What a method requires beyond the model (its ``requires``): petta's source data."""
+    return {"source_loader": data(2, seed=7)} if method.split("+")[-1] == "petta" else {}
+
+
 def full_state(adapted: tta.Adapted) -> dict[str, typing.Any]:
     """Everything a step can change: module state dict and the method's extra state."""
     return copy.deepcopy(adapted.state_dict())
@@ -72,8 +77,8 @@ def trained(adapted: tta.Adapted) -> list:
 @pytest.mark.parametrize("method", METHODS)
 def test_half_precision_models_adapt_with_fp32_state(method: str, dtype: torch.dtype) -> None:
     model = model_for(method)
-    adapted = tta.adapt(copy.deepcopy(model).to(dtype), method)
-    reference = tta.adapt(model, method)
+    adapted = tta.adapt(copy.deepcopy(model).to(dtype), method, **needs(method))
+    reference = tta.adapt(model, method, **needs(method))
     initial = {n: p.detach().clone() for n, p in adapted.model.named_parameters()}
     for x in data():
         out = adapted(x.to(dtype))
@@ -91,6 +96,8 @@ def test_half_precision_models_adapt_with_fp32_state(method: str, dtype: torch.d
                 if isinstance(value, torch.Tensor) and value.is_floating_point():
                     assert value.dtype == torch.float32 and torch.isfinite(value).all()
     masters = {id(p): m for o in trained(adapted) for p, m in zip(o.params, o.masters)}
+    for part in adapted.method.parts():  # a teacher averaged on fp32 copies (rotta, petta)
+        masters.update({id(p): m for p, m in zip(getattr(part, "teacher_params", []), getattr(part, "teacher_master", []))})
     moved = {
         n for n, p in adapted.model.named_parameters()
         if not torch.equal(p, initial[n]) or (id(p) in masters and not torch.equal(masters[id(p)], initial[n].float()))
@@ -123,8 +130,8 @@ def test_half_precision_tent_follows_the_fp32_run(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("method", METHODS)
 def test_serving_under_inference_mode_and_no_grad(method: str, context) -> None:
     model = model_for(method)
-    plain = tta.adapt(model, method)
-    served = tta.adapt(model, method)
+    plain = tta.adapt(model, method, **needs(method))
+    served = tta.adapt(model, method, **needs(method))
     xs = data()
     for x in xs:
         with plain.no_adapt():
@@ -144,7 +151,7 @@ def test_serving_under_inference_mode_and_no_grad(method: str, context) -> None:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("method", METHODS)
 def test_converting_the_wrapped_model_carries_the_state(method: str, dtype: torch.dtype) -> None:
-    adapted = tta.adapt(model_for(method), method)
+    adapted = tta.adapt(model_for(method), method, **needs(method))
     xs = data()
     adapted(xs[0])
     converted = adapted.to(dtype)
@@ -180,8 +187,8 @@ def test_half_after_wrapping_keeps_fp32_masters_from_before_the_conversion() -> 
 @pytest.mark.parametrize("method", METHODS)
 def test_a_nonfinite_batch_changes_no_state(method: str, bad_value: float) -> None:
     model = model_for(method)
-    adapted = tta.adapt(model, method)
-    twin = tta.adapt(model, method)
+    adapted = tta.adapt(model, method, **needs(method))
+    twin = tta.adapt(model, method, **needs(method))
     xs = data()
     adapted(xs[0])
     twin(xs[0])
@@ -264,7 +271,7 @@ def test_adapting_an_adapted_model_raises() -> None:
 # -- 7. no_adapt predicts exactly what a step returns ---------------------------------------
 @pytest.mark.parametrize("method", METHODS)
 def test_no_adapt_returns_exactly_the_prediction_of_a_step(method: str) -> None:
-    adapted = tta.adapt(model_for(method), method)
+    adapted = tta.adapt(model_for(method), method, **needs(method))
     xs = data()
     adapted(xs[0])
     for x in xs[1:]:
@@ -281,11 +288,11 @@ def test_two_wraps_agree_and_leave_the_global_rng_alone(method: str) -> None:
     model = model_for(method)
     xs = data()
     rng = torch.get_rng_state()
-    first = tta.adapt(model, method)
+    first = tta.adapt(model, method, **needs(method))
     outs = [first(x) for x in xs]
     assert torch.equal(torch.get_rng_state(), rng)
     torch.manual_seed(123)  # a different global stream must not matter
-    second = tta.adapt(model, method)
+    second = tta.adapt(model, method, **needs(method))
     for x, out in zip(xs, outs):
         assert torch.equal(second(x), out)
 
@@ -306,11 +313,11 @@ def test_the_seed_argument_selects_the_random_initial_state() -> None:
 def test_state_dict_round_trip_and_reset_for_every_method(method: str) -> None:
     model = model_for(method)
     xs = data(4)
-    adapted = tta.adapt(model, method)
+    adapted = tta.adapt(model, method, **needs(method))
     initial = full_state(adapted)
     for x in xs[:2]:
         adapted(x)
-    restored = tta.adapt(model, method)
+    restored = tta.adapt(model, method, **needs(method))
     restored.load_state_dict(copy.deepcopy(adapted.state_dict()))
     for x in xs[2:]:
         assert torch.equal(restored(x), adapted(x))

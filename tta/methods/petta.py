@@ -384,7 +384,7 @@ class PeTTA(RoTTA):
                 pending[slot] = i
             self.seen += 1
         self._write(pending, x)
-        self._adapt(model, layers, features, labels)
+        self._adapt(model, layers, features, labels, x.dtype)
         return out
 
     def _sense(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -402,7 +402,9 @@ class PeTTA(RoTTA):
         self.gamma, self.alpha = gamma, alpha
         return lam
 
-    def _adapt(self, model: PeTTAModel, layers: list[AdaptiveNorm], features: torch.Tensor, labels: torch.Tensor) -> None:
+    def _adapt(
+        self, model: PeTTAModel, layers: list[AdaptiveNorm], features: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype
+    ) -> None:
         assert self.optimizer is not None
         hp = self.hparams
         index, _ = self.memory.ordered()
@@ -410,6 +412,7 @@ class PeTTA(RoTTA):
             return
         device = self.bank.device
         data = self.bank.index_select(0, torch.from_numpy(index).to(device, non_blocking=True))
+        data = data.to(dtype)  # the bank keeps the dtype of its first batch; the model may have moved since
         lam = self._sense(features, labels)
         with torch.no_grad():
             teacher_out = model.teacher(data)  # train-mode robust BN: the teacher's statistics move
