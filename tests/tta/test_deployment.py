@@ -36,10 +36,14 @@ def data(n: int = 3, batch_size: int = 6, seed: int = 1) -> list[torch.Tensor]:
     return batches(n, batch_size=batch_size, seed=seed)
 
 
-def needs(method: str) -> dict:
-    """What a method requires beyond the model (``Method.requires``): adanpc's labelled source data."""
-    if method.split("+")[-1] == "adanpc":
+def needs(method: str) -> dict[str, typing.Any]:
+    """What a method requires beyond the model (its ``requires``): adanpc's labelled source
+    data, petta's source data."""
+    last = method.split("+")[-1]
+    if last == "adanpc":
         return {"source_loader": [(x, torch.arange(x.shape[0]) % 4) for x in data(2, seed=7)]}
+    if last == "petta":
+        return {"source_loader": data(2, seed=7)}
     return {}
 
 
@@ -98,6 +102,8 @@ def test_half_precision_models_adapt_with_fp32_state(method: str, dtype: torch.d
                 if isinstance(value, torch.Tensor) and value.is_floating_point():
                     assert value.dtype == torch.float32 and torch.isfinite(value).all()
     masters = {id(p): m for o in trained(adapted) for p, m in zip(o.params, o.masters)}
+    for part in adapted.method.parts():  # a teacher averaged on fp32 copies (rotta, petta)
+        masters.update({id(p): m for p, m in zip(getattr(part, "teacher_params", []), getattr(part, "teacher_master", []))})
     moved = {
         n for n, p in adapted.model.named_parameters()
         if not torch.equal(p, initial[n]) or (id(p) in masters and not torch.equal(masters[id(p)], initial[n].float()))

@@ -43,6 +43,7 @@ HPARAMS: dict[str, dict[str, Any]] = {
     "eta": {"e0": 2.0},
     "eata": {"e0": 2.0},
     "tribe": {"h0": 1.0},
+    "petta": {"memory_size": 6},
 }
 
 
@@ -82,6 +83,8 @@ def make(method: str, kind: str) -> tta.Adapted:
         hparams["fisher_loader"] = data(2, seed=7)
     if last == "adanpc":  # labelled source data for the kNN memory (required)
         hparams["source_loader"] = [(x, torch.arange(x.shape[0]) % 4) for x in data(2, seed=7)]
+    if last == "petta":
+        hparams["source_loader"] = data(2, seed=7)
     return tta.adapt(model, method, **hparams)
 
 

@@ -20,4 +20,5 @@ from tta.methods import rotta  # noqa: F401
 from tta.methods import tribe  # noqa: F401
 from tta.methods import unmix_tns_mass  # noqa: F401
 from tta.methods import adanpc  # noqa: F401
+from tta.methods import petta  # noqa: F401
 # isort: on

@@ -279,22 +279,10 @@ class RoTTA(Method):
         layers = self._layers(model)
         for layer in layers:
             layer.discard()  # statistics layers without a frozen mode must not move on the prediction
-        memory = self.memory
-        if memory.num_classes is None:
-            memory.num_classes = int(out.shape[1])
-        elif memory.num_classes != out.shape[1]:
-            raise ValueError(f"rotta's memory was built for {memory.num_classes} classes, got {out.shape[1]}")
-        with torch.no_grad():
-            probs = torch.softmax(out.float(), dim=1)
-            uncertainty = -(probs * torch.log(probs + 1e-6)).sum(1)
-            finite = torch.isfinite(x).all() & torch.isfinite(uncertainty).all()
-            labels = torch.where(finite, probs.argmax(1), -1).float()
-            meta = torch.stack([labels, uncertainty], 1).cpu()  # the step's one host synchronisation
-        rows = meta.tolist()
-        if rows and rows[0][0] < 0:
-            # NaN/Inf in the batch or its prediction: keep every piece of state as it was (the
-            # official code would store such samples; a NaN score is never evicted)
+        rows, _ = self._memory_rows(x, out)
+        if rows is None:
             return out
+        memory = self.memory
         pending: dict[int, int] = {}  # slot -> row of x, written at the next update or the end
         for i, (label, u) in enumerate(rows):
             slot = memory.add(int(label), u)
@@ -307,6 +295,28 @@ class RoTTA(Method):
                 self._update(model, layers)
         self._write(pending, x)
         return out
+
+    def _memory_rows(self, x: torch.Tensor, out: torch.Tensor) -> tuple[list[list[float]] | None, torch.Tensor]:
+        """The memory's inputs for a batch: ``[pseudo-label, uncertainty]`` per sample, on the
+        host (the step's one host synchronisation), and the pseudo-labels on the device; rows
+        are None when the batch or its prediction holds NaN/Inf: then nothing may change (the
+        official code would store such samples; a NaN score is never evicted)."""
+        memory = self.memory
+        if memory.num_classes is None:
+            memory.num_classes = int(out.shape[1])
+        elif memory.num_classes != out.shape[1]:
+            raise ValueError(f"{self.name}'s memory was built for {memory.num_classes} classes, got {out.shape[1]}")
+        with torch.no_grad():
+            probs = torch.softmax(out.float(), dim=1)
+            uncertainty = -(probs * torch.log(probs + 1e-6)).sum(1)
+            finite = torch.isfinite(x).all() & torch.isfinite(uncertainty).all()
+            predicted = probs.argmax(1)
+            labels = torch.where(finite, predicted, -1).float()
+            meta = torch.stack([labels, uncertainty], 1).cpu()
+        rows = meta.tolist()
+        if rows and rows[0][0] < 0:
+            return None, predicted
+        return rows, predicted
 
     def _write(self, slots: dict[int, int], x: torch.Tensor) -> None:
         """Copy ``x[slots[s]]`` into slot s of the bank for every s (one indexed copy)."""
@@ -340,9 +350,22 @@ class RoTTA(Method):
                 cross = -(torch.softmax(teacher_out.float(), 1) * torch.log_softmax(student_out.float(), 1)).sum(1)
                 descend(self.optimizer, (cross * weight).mean())
             commit_layers(layers)  # one update per update_frequency samples, possibly several per batch
-        if self.teacher_master:
-            with torch.no_grad():
-                students = [m.detach().to(t.dtype) for m, t in zip(self.optimizer.masters, self.teacher_master)]
-                torch._foreach_lerp_(self.teacher_master, students, self.hparams.nu)
-                torch._foreach_copy_([p.detach() for p in self.teacher_params], self.teacher_master)
+        self._average_teacher(self.hparams.nu)
         self.num_updates += 1
+
+    def _average_teacher(self, rate: float | torch.Tensor) -> None:
+        """``theta_T <- (1 - rate) theta_T + rate theta_S`` on the fp32 copies of the teacher's
+        trained parameters, then written to the teacher. A float rate runs as one ``lerp``; a
+        0-d tensor (computed on the device, PeTTA's adaptive rate) in the official form."""
+        assert self.optimizer is not None
+        if not self.teacher_master:
+            return
+        with torch.no_grad():
+            students = [m.detach().to(t.dtype) for m, t in zip(self.optimizer.masters, self.teacher_master)]
+            if isinstance(rate, torch.Tensor):
+                rate = rate.to(self.teacher_master[0])
+                torch._foreach_mul_(self.teacher_master, 1.0 - rate)
+                torch._foreach_add_(self.teacher_master, torch._foreach_mul(students, rate))
+            else:
+                torch._foreach_lerp_(self.teacher_master, students, rate)
+            torch._foreach_copy_([p.detach() for p in self.teacher_params], self.teacher_master)
