@@ -48,8 +48,9 @@ def opinion_entropy(logits: torch.Tensor, prior: float | None = None) -> torch.T
     loss by growing the norm of the logits (the total evidence) itself, only by moving their
     direction. A zero logit vector stays zero (the authors' code gives NaN there).
 
-    Computed in log space (``log S`` by ``logsumexp`` over ``[y, log K]``, ``log q`` by
-    ``logaddexp`` with ``log 1e-7``), so large logits do not overflow ``exp``.
+    The masses are one softmax over ``[y_1, ..., y_C, log K]`` (shifted by the maximum inside
+    the softmax), so large logits do not overflow ``exp`` (the authors' ``exp(y)`` does above
+    88 in fp32).
     """
     y = logits.float()
     norm = torch.linalg.vector_norm(y, dim=1, keepdim=True)
@@ -57,9 +58,8 @@ def opinion_entropy(logits: torch.Tensor, prior: float | None = None) -> torch.T
     k = float(y.shape[1]) if prior is None else float(prior)
     log_k = y.new_full((y.shape[0], 1), math.log(k))
     evidence = torch.cat([y, log_k], dim=1)  # log e_1 .. log e_C, log K
-    log_mass = evidence - torch.logsumexp(evidence, dim=1, keepdim=True)
-    log_q = torch.logaddexp(log_mass, log_mass.new_tensor(math.log(OPINION_EPS)))
-    return -(log_q.exp() * log_q).sum(1)
+    q = torch.softmax(evidence, dim=1) + OPINION_EPS  # b_1 .. b_C, u, smoothed
+    return -(q * q.log()).sum(1)
 
 
 def sample_entropy(logits: torch.Tensor, loss: str = "entropy") -> torch.Tensor:
