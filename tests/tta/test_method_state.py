@@ -43,6 +43,7 @@ HPARAMS: dict[str, dict[str, Any]] = {
     "eta": {"e0": 2.0},
     "eata": {"e0": 2.0},
     "tribe": {"h0": 1.0},
+    "deyo": {"ent_threshold": 2.0, "plpd_threshold": -1.0},
 }
 
 
