@@ -45,6 +45,8 @@ CHECKOUTS: tuple[Checkout, ...] = (
     Checkout("ADAB2N_OFFICIAL_SRC", "lvyilin/AdaB2N", "models/utils/adab2n.py"),
     Checkout("PETTA_OFFICIAL_SRC", "hthieu166/petta", "src/data/ttasampler.py"),
     Checkout("ADANPC_OFFICIAL_SRC", "yfzhang114/AdaNPC", "domainbed/algorithms.py"),
+    Checkout("DEYO_OFFICIAL_SRC", "Jhyun17/DeYO", "methods/deyo.py"),
+    Checkout("COME_OFFICIAL_SRC", "BlueWhaleLab/COME", "tent_come.py"),
 )
 BY_VARIABLE: dict[str, Checkout] = {c.variable: c for c in CHECKOUTS}
 

@@ -44,6 +44,7 @@ HPARAMS: dict[str, dict[str, Any]] = {
     "eata": {"e0": 2.0},
     "tribe": {"h0": 1.0},
     "petta": {"memory_size": 6},
+    "deyo": {"ent_threshold": 2.0, "plpd_threshold": -1.0},
 }
 
 

@@ -21,4 +21,5 @@ from tta.methods import tribe  # noqa: F401
 from tta.methods import unmix_tns_mass  # noqa: F401
 from tta.methods import adanpc  # noqa: F401
 from tta.methods import petta  # noqa: F401
+from tta.methods import deyo  # noqa: F401
 # isort: on

@@ -61,9 +61,10 @@ def configure_trainable(model: nn.Module, params: Iterable[nn.Parameter], method
 
 class NormAffineObjective(Method):
     """Base of the objectives that train the normalization affine parameters with the
-    optimizer of :class:`~tta.methods.optim.OptimizerHparams` (TENT, ROID, EATA/ETA): after
-    :meth:`convert`, ``params`` / ``param_names`` are those parameters and ``optimizer``
-    trains them."""
+    optimizer of :class:`~tta.methods.optim.OptimizerHparams` (TENT, ROID, EATA/ETA, DeYO):
+    after :meth:`convert`, ``params`` / ``param_names`` are those parameters (minus the layers
+    an ``exclude`` hyperparameter names, where the method has one) and ``optimizer`` trains
+    them."""
 
     role = OBJECTIVE
     default_statistics = "norm"
@@ -71,7 +72,7 @@ class NormAffineObjective(Method):
     optimizer = state(None)
 
     def convert(self, model: nn.Module) -> nn.Module:
-        named = norm_parameters(model)
+        named = norm_parameters(model, getattr(self.hparams, "exclude", ()))
         self.params = configure_trainable(model, [p for _, p in named], self.name)
         self.param_names = [n for n, _ in named]
         hp = self.hparams

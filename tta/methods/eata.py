@@ -15,7 +15,7 @@ from torch import nn
 from tta.hyperparams import hparam
 from tta.layers.base import AdaptiveNorm
 from tta.methods.affine import NormAffineObjective
-from tta.methods.entropy import softmax_entropy
+from tta.methods.entropy import EntropyLossHparams, sample_entropy
 from tta.methods.optim import OptimizerHparams, descend
 from tta.methods.state import state
 from tta.registry import register_method
@@ -27,10 +27,12 @@ PROBS_DECAY = 0.9
 
 
 def select_samples(
-    logits: torch.Tensor, e0: float, d_margin: float, probs_avg: torch.Tensor, probs_set: torch.Tensor
+    logits: torch.Tensor, e0: float, d_margin: float, probs_avg: torch.Tensor, probs_set: torch.Tensor,
+    loss: str = "entropy",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """EATA's sample selection (paper Eqs. 3-5) on one batch; returns
-    ``(entropies, reliable, selected)``, the entropies ``H(y_b)`` in fp32 and two masks:
+    ``(entropies, reliable, selected)``, the entropies ``H(y_b)`` in fp32 (of the ``loss``:
+    softmax entropy, or COME's entropy of the opinion) and two masks:
 
     * reliable: ``H(y_b) < E_0`` (Eq. 3);
     * non-redundant: ``|cos(softmax(y_b), m)| < eps`` (Eq. 5) against the moving average
@@ -38,7 +40,7 @@ def select_samples(
       sample is non-redundant (official: the check needs a previous average);
     * selected = reliable and non-redundant.
     """
-    ent = softmax_entropy(logits)
+    ent = sample_entropy(logits, loss)
     reliable = ent < e0
     probs = torch.softmax(logits.float(), dim=1)
     if probs_avg.shape[0] == probs.shape[1]:
@@ -125,7 +127,7 @@ def compute_fisher(
 
 
 @dataclasses.dataclass
-class ETAHparams(OptimizerHparams):
+class ETAHparams(OptimizerHparams, EntropyLossHparams):
     #: Nesterov momentum for SGD (SGD only; the official EATA code uses none)
     nesterov: bool = False
     #: entropy margin E_0 (Eq. 3); None: 0.4 ln C for C classes (official 0.4 ln 1000)
@@ -166,6 +168,11 @@ class ETA(NormAffineObjective):
     ``num_selected`` (samples after the first and both filters, official
     ``num_samples_update_1/2``) are device tensors.
 
+    COME (``loss="come"``, the authors' ``EATA_COME``): ``H`` is COME's entropy of the opinion
+    (:func:`tta.methods.entropy.opinion_entropy`) everywhere the method uses an entropy: the
+    reliability filter (same ``E_0``), the weight ``exp(E_0 - H)`` and the loss; the
+    redundancy filter and ``m`` stay on the softmax probabilities, as in the authors' code.
+
     Deviation: eval mode instead of the official ``model.train()`` (normalization uses batch
     statistics either way; dropout/stochastic depth stay off, as in the mariodoebler port).
     """
@@ -200,7 +207,7 @@ class ETA(NormAffineObjective):
                 e0 = self.e0_for(out.shape[1])
                 if self.probs_avg.device != out.device:
                     self.probs_avg, self.probs_set = self.probs_avg.to(out.device), self.probs_set.to(out.device)
-                ent, reliable, selected = select_samples(out, e0, hp.d_margin, self.probs_avg, self.probs_set)
+                ent, reliable, selected = select_samples(out, e0, hp.d_margin, self.probs_avg, self.probs_set, hp.loss)
                 loss = eata_loss(ent, selected, e0)
                 penalty = self.regularizer()
                 if penalty is not None:

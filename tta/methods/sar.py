@@ -12,7 +12,7 @@ from tta.hyperparams import hparam
 from tta.layers.base import AdaptiveNorm
 from tta.methods.affine import configure_trainable, norm_parameters
 from tta.methods.base import OBJECTIVE, Method
-from tta.methods.entropy import softmax_entropy
+from tta.methods.entropy import EntropyLossHparams, sample_entropy
 from tta.methods.optim import build_optimizer, load_optimizer_state, nonfinite_guard_, optimizer_state, present_grads
 from tta.methods.state import state
 from tta.registry import register_method
@@ -31,7 +31,7 @@ _OFFICIAL_E_M = 0.2
 
 
 @dataclasses.dataclass
-class SARHparams:
+class SARHparams(EntropyLossHparams):
     #: learning rate of the base SGD; None: official rule for the model family and the batch
     #: size of the first batch (see :func:`sar_learning_rate`)
     lr: float | None = hparam(None, low=0.0, low_open=True)
@@ -140,6 +140,10 @@ class SAR(Method):
     (``ema < e_m``), which decides whether state is reset. The empty-set and NaN checks run on
     the device (``torch.where``).
 
+    COME (``loss="come"``, the authors' ``SAR_COME``): both entropies, the two reliable filters
+    (same ``E_0``), both losses and so the recovery's moving average are COME's entropy of the
+    opinion (:func:`tta.methods.entropy.opinion_entropy`); everything else is unchanged.
+
     Deviation: eval mode instead of the official ``model.train()`` (normalization uses batch
     statistics regardless; dropout/stochastic depth stay off, as in the mariodoebler port).
     """
@@ -203,7 +207,7 @@ class SAR(Method):
             # forward 1 at theta: the prediction; reliable filter S1
             out = model(x)
             e0 = self.e0_for(out.shape[1])
-            ent = softmax_entropy(out)
+            ent = sample_entropy(out, hp.loss)
             reliable = ent < e0  # NaN entropies are never reliable
             count = reliable.sum()
             loss = torch.where(reliable, ent, 0.0).sum() / count.clamp_min(1)
@@ -229,7 +233,7 @@ class SAR(Method):
             optimizer.zero_grad(set_to_none=True)
 
             # forward 2 at theta + eps, on S1 only; second filter S2
-            ent2 = softmax_entropy(model(x))
+            ent2 = sample_entropy(model(x), hp.loss)
             reliable2 = reliable & (ent2 < e0)
             count2 = reliable2.sum()
             loss2 = torch.where(reliable2, ent2, 0.0).sum() / count2.clamp_min(1)

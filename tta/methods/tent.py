@@ -9,13 +9,13 @@ from torch import nn
 
 from tta.hyperparams import hparam
 from tta.methods.affine import NormAffineObjective
-from tta.methods.entropy import softmax_entropy
+from tta.methods.entropy import EntropyLossHparams, sample_entropy
 from tta.methods.optim import OptimizerHparams, descend
 from tta.registry import register_method
 
 
 @dataclasses.dataclass
-class TentHparams(OptimizerHparams):
+class TentHparams(OptimizerHparams, EntropyLossHparams):
     #: gradient steps per batch (official 1)
     steps: int = hparam(1, low=1)
     #: restore the wrap-time model and optimizer state before every batch
@@ -35,7 +35,8 @@ class Tent(NormAffineObjective):
       of every normalization layer, including GroupNorm/LayerNorm as the mariodoebler port
       does (the official code has BatchNorm2d only); everything else is frozen.
     * Objective per batch: ``L = mean_b H(y_b)`` with ``H(y) = -sum_c p(y_c) log p(y_c)``
-      (paper Eq. 1). One optimizer step per iteration, ``steps`` iterations; the returned
+      (paper Eq. 1); with ``loss="come"``, COME's entropy of the opinion instead
+      (:func:`tta.methods.entropy.opinion_entropy`, the authors' ``Tent_COME``). One optimizer step per iteration, ``steps`` iterations; the returned
       prediction is the output of the (last) forward, computed *before* that iteration's
       update (official behaviour; with ``steps = 1`` it is the pre-update prediction and
       ``no_adapt()`` returns exactly it).
@@ -63,5 +64,5 @@ class Tent(NormAffineObjective):
         with torch.enable_grad():
             for _ in range(int(self.hparams.steps)):
                 out = model(x)
-                descend(self.optimizer, softmax_entropy(out).mean())
+                descend(self.optimizer, sample_entropy(out, self.hparams.loss).mean())
         return out.detach()  # type: ignore[union-attr]
