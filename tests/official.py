@@ -44,6 +44,7 @@ CHECKOUTS: tuple[Checkout, ...] = (
     Checkout("SI_BLURRY_ROOT", "moonjunyyy/Si-Blurry", "utils/online_sampler.py"),
     Checkout("ADAB2N_OFFICIAL_SRC", "lvyilin/AdaB2N", "models/utils/adab2n.py"),
     Checkout("PETTA_OFFICIAL_SRC", "hthieu166/petta", "src/data/ttasampler.py"),
+    Checkout("COTTA_OFFICIAL_SRC", "qinenergy/cotta", "cifar/cotta.py"),
 )
 BY_VARIABLE: dict[str, Checkout] = {c.variable: c for c in CHECKOUTS}
 

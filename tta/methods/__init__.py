@@ -19,4 +19,6 @@ from tta.methods import roid  # noqa: F401
 from tta.methods import rotta  # noqa: F401
 from tta.methods import tribe  # noqa: F401
 from tta.methods import unmix_tns_mass  # noqa: F401
+from tta.methods import cotta  # noqa: F401
+from tta.methods import cmf  # noqa: F401
 # isort: on
