@@ -167,7 +167,7 @@ def test_teacher_average_survives_bfloat16() -> None:
     source = [p.detach().float().clone() for p in adapted.model.teacher.parameters()]
     for x in _images(3):
         assert torch.isfinite(adapted(x.to(torch.bfloat16)).float()).all()
-    masters = adapted.method.method.teacher_master
+    masters = adapted.method.method.teacher_masters.masters
     assert masters[0].dtype == torch.float32
     assert max((m - s).abs().max().item() for m, s in zip(masters, source)) > 0
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from tta.hyperparams import hparam
 from tta.methods.base import OBJECTIVE, Method
-from tta.methods.optim import LOW_PRECISION, OptimizerHparams, build_optimizer, descend
+from tta.methods.optim import MasterOptimizer, OptimizerHparams, build_optimizer, descend
 from tta.methods.roid import symmetric_cross_entropy
 from tta.methods.state import state
 from tta.methods.strong_augment import RANGES, strong_augment
@@ -100,8 +100,12 @@ class CoTTANet(nn.Module):
         return self.teacher(x)
 
 
-def _master_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in LOW_PRECISION else dtype
+def _write_back(optimizer: MasterOptimizer) -> None:
+    """Copy separate fp32 masters into their fp16/bf16 parameters."""
+    copies = [(p, m) for p, m in zip(optimizer.params, optimizer.masters) if p is not m]
+    if copies:
+        with torch.no_grad():
+            torch._foreach_copy_([p.detach() for p, _ in copies], [m.detach() for _, m in copies])
 
 
 @register_method
@@ -179,9 +183,12 @@ class CoTTA(Method):
     default_statistics = "norm"
 
     optimizer = state(None)
-    #: fp32 copies of the teacher's trained parameters: the moving average runs on them (a
-    #: step of 0.001 would round away in fp16/bf16) and is written to the teacher
-    teacher_master = state(lambda m: [])
+    #: the teacher's trained parameters with fp32 masters (separate copies for fp16/bf16
+    #: parameters only): the moving average runs on the masters (a step of 0.001 would round
+    #: away in fp16/bf16) and is written to the teacher. A :class:`MasterOptimizer` that never
+    #: steps (the teacher takes no gradient): it keeps, saves, moves and guards the masters
+    #: as the student's optimizer does
+    teacher_masters = state(None)
 
     def convert(self, model: nn.Module) -> nn.Module:
         if isinstance(model, CoTTANet):
@@ -197,19 +204,14 @@ class CoTTA(Method):
         teacher = copy.deepcopy(model).requires_grad_(False)
         anchor = copy.deepcopy(model).requires_grad_(False)
         teachers, anchors = dict(teacher.named_parameters()), dict(anchor.named_parameters())
-        self.teacher_params = [teachers[n] for n in self.param_names]
         self.anchor_params = [anchors[n] for n in self.param_names]
-        self.teacher_master = [p.detach().to(_master_dtype(p.dtype), copy=True) for p in self.teacher_params]
+        self.teacher_masters = MasterOptimizer([teachers[n] for n in self.param_names], torch.optim.SGD, lr=0.0)
         hp = self.hparams
         self.optimizer = build_optimizer(
             self.params, hp.optimizer, hp.lr, beta=hp.beta, momentum=hp.sgd_momentum,
             weight_decay=hp.weight_decay, nesterov=hp.nesterov,
         )
         return CoTTANet(model, teacher, anchor)
-
-    def guarded_tensors(self) -> list[torch.Tensor]:
-        """Besides the optimizer: the teacher's averaged parameters, written in the step."""
-        return super().guarded_tensors() + self.teacher_params
 
     # -- step -------------------------------------------------------------------------------
     def _teacher_prediction(self, model: CoTTANet, x: torch.Tensor) -> torch.Tensor:
@@ -248,16 +250,13 @@ class CoTTA(Method):
                 out = model.student(x)
                 teacher_out = self._teacher_prediction(model, x)
                 descend(optimizer, teacher_cross_entropy(out, teacher_out, hp.symmetric).mean(0))
-            ema_(self.teacher_master, optimizer.masters, hp.momentum_teacher)
-            with torch.no_grad():
-                torch._foreach_copy_([p.detach() for p in self.teacher_params], self.teacher_master)
+            teacher = self.teacher_masters
+            ema_(teacher.masters, optimizer.masters, hp.momentum_teacher)
+            _write_back(teacher)
             if hp.restore_prob > 0.0:
                 masters = optimizer.masters
                 device = masters[0].device
                 masks = restore_masks([m.numel() for m in masters], hp.restore_prob, self.generator_on(device), device)
                 stochastic_restore_(masters, self.anchor_params, masks)
-                with torch.no_grad():
-                    copies = [(p, m) for p, m in zip(optimizer.params, masters) if p is not m]
-                    if copies:
-                        torch._foreach_copy_([p for p, _ in copies], [m for _, m in copies])
+                _write_back(optimizer)
         return teacher_out  # type: ignore[return-value]
