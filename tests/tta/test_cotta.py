@@ -234,6 +234,7 @@ def test_matches_official_cotta(monkeypatch: pytest.MonkeyPatch, case: str) -> N
         with torch.no_grad():
             confidences = [torch.softmax(probe.model.anchor(x), 1).amax(1).mean().item() for x in xs]
         hparams["threshold"] = sorted(confidences)[len(confidences) // 2]
+        assert 0 < sum(c < hparams["threshold"] for c in confidences) < len(confidences)
     model = namespace["configure_model"](copy.deepcopy(source))
     params, _ = namespace["collect_params"](model)
     if case == "imagenet":
