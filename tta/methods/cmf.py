@@ -24,7 +24,7 @@ _BETA_ONE = 0.9999
 
 
 def filter_gain(variance: float, alpha: float, q: float) -> tuple[float, float]:
-    """One step of the scalar filter (paper §3, "predict" and "update"), on host floats:
+    """One step of the scalar filter (the paper's Kalman "predict" and "update"), on host floats:
 
     * predict: ``P <- alpha^2 P + q`` (the hidden state ``h <- alpha h + (1 - alpha) theta_src``
       is a random walk towards the source with process noise ``q``);
@@ -106,7 +106,7 @@ class CMF(ROID):
     forward with the prior correction. Where ROID then ensembles ``theta`` with the source
     parameters, CMF runs a filter over parameter space after every optimizer step.
 
-    The filter (paper §3; :func:`filter_gain`, :func:`momentum_filter_`) keeps hidden
+    The filter (:func:`filter_gain`, :func:`momentum_filter_`) keeps hidden
     parameters ``h`` (initially the source ``theta_src``) and a scalar variance ``P`` (initially
     0), with ``q = Q * |theta| / 38400`` (``|theta|`` the number of trained values) and
     ``r = 1 - q``:

@@ -23,7 +23,8 @@ _TRAINED_NAMES = ("weight", "bias")
 
 
 def teacher_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, symmetric: bool = False) -> torch.Tensor:
-    """Per-sample consistency loss between the student's logits and the teacher's (paper Eq. 6),
+    """Per-sample consistency loss between the student's logits and the teacher's pseudo-label (paper
+    §3, the student's update),
     in fp32, shape ``(N,)``; the teacher's side carries no gradient.
 
     * ``symmetric=False`` (paper, official CIFAR code): ``- sum_c q_c log p_c`` with
@@ -37,7 +38,7 @@ def teacher_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, symmetri
 
 
 def ema_(averages: list[torch.Tensor], values: list[torch.Tensor], momentum: float) -> None:
-    """``a <- m a + (1 - m) v`` in place for every tensor (paper Eq. 2)."""
+    """``a <- m a + (1 - m) v`` in place for every tensor (paper §3, weight-averaged teacher)."""
     if averages and momentum < 1.0:
         with torch.no_grad():
             torch._foreach_mul_(averages, momentum)
@@ -53,7 +54,8 @@ def restore_masks(sizes: list[int], probability: float, generator: torch.Generat
 
 
 def stochastic_restore_(params: list[torch.Tensor], sources: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
-    """``theta <- M * theta_0 + (1 - M) * theta`` in place (paper Eq. 8-9), as a selection: an
+    """``theta <- M * theta_0 + (1 - M) * theta`` in place (paper §3, stochastic restoration), as a
+    selection: an
     element whose mask is set takes its source value, the others keep theirs."""
     with torch.no_grad():
         for param, source, mask in zip(params, sources, masks):
@@ -129,17 +131,18 @@ class CoTTA(Method):
 
     1. student logits ``y = f_theta(x)`` (with gradient);
     2. the anchor's confidence ``c = mean_b max_c softmax(f_theta0(x_b))_c``;
-    3. the teacher's prediction (paper Eq. 4-5): if ``c < p_th`` (``threshold``, 0.92), the
-       mean of the teacher's *logits* on ``N`` (``num_augmentations``, 32) augmented views of
-       the batch, ``y' = (1/N) sum_i f_theta'(aug_i(x))``, each view one draw of the CoTTA
+    3. the teacher's prediction (paper §3, augmentation-averaged pseudo-labels): if
+       ``c < p_th`` (``threshold``, 0.92), the mean of the teacher's *logits* on ``N``
+       (``num_augmentations``, 32) augmented views of the batch, ``y' = (1/N) sum_i f_theta'(aug_i(x))``, each view one draw of the CoTTA
        augmentation for the whole batch (:func:`tta.methods.strong_augment.strong_augment`,
        "strong" ranges) and one forward of its own (batch statistics per view); otherwise
        ``y' = f_theta'(x)``;
-    4. loss ``L = mean_b CE(y'_b, y_b)`` (:func:`teacher_cross_entropy`, Eq. 6; symmetric with
+    4. loss ``L = mean_b CE(y'_b, y_b)`` (:func:`teacher_cross_entropy`; symmetric with
        ``symmetric=True``), one optimizer step on ``theta``;
-    5. teacher update ``theta' <- m theta' + (1 - m) theta`` (Eq. 2, ``momentum_teacher``
-       0.999), on fp32 copies of the teacher's trained parameters;
-    6. stochastic restore (Eq. 8-9): for every element of every trained parameter, a
+    5. teacher update ``theta' <- m theta' + (1 - m) theta`` (``momentum_teacher``
+       0.999), on fp32 masters of the teacher's trained parameters (the parameters themselves
+       in fp32 models);
+    6. stochastic restore: for every element of every trained parameter, a
        Bernoulli(``restore_prob``) draw ``M``; ``theta <- M theta_0 + (1 - M) theta`` with the
        anchor's (source) value ``theta_0``.
 
@@ -149,13 +152,14 @@ class CoTTA(Method):
 
     Where the paper and the official code differ, we follow the code:
 
-    * the paper's Eq. 5 compares the anchor's confidence per test input; the code takes one
+    * the paper states the anchor's confidence test per input; the code takes one
       decision per batch on the batch-mean confidence;
     * the paper averages the augmented *predictions*; the code averages logits (the returned
       output, and the soft label ``softmax(y')``).
 
-    The brief description of CoTTA as "symmetric cross-entropy" holds for the official ImageNet
-    code only: paper and CIFAR code use the plain cross-entropy, our default.
+    CoTTA's loss is sometimes described as a symmetric cross-entropy: that is the official
+    ImageNet code's (``symmetric=True``); the paper and the official CIFAR code use the plain
+    cross-entropy from the teacher to the student, our default.
 
     Departures from the official code, of form rather than effect:
 
