@@ -47,6 +47,7 @@ CHECKOUTS: tuple[Checkout, ...] = (
     Checkout("ADANPC_OFFICIAL_SRC", "yfzhang114/AdaNPC", "domainbed/algorithms.py"),
     Checkout("DEYO_OFFICIAL_SRC", "Jhyun17/DeYO", "methods/deyo.py"),
     Checkout("COME_OFFICIAL_SRC", "BlueWhaleLab/COME", "tent_come.py"),
+    Checkout("COTTA_OFFICIAL_SRC", "qinenergy/cotta", "cifar/cotta.py"),
 )
 BY_VARIABLE: dict[str, Checkout] = {c.variable: c for c in CHECKOUTS}
 

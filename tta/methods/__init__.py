@@ -22,4 +22,6 @@ from tta.methods import unmix_tns_mass  # noqa: F401
 from tta.methods import adanpc  # noqa: F401
 from tta.methods import petta  # noqa: F401
 from tta.methods import deyo  # noqa: F401
+from tta.methods import cotta  # noqa: F401
+from tta.methods import cmf  # noqa: F401
 # isort: on
