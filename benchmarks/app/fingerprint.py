@@ -14,6 +14,7 @@ from torch import nn
 
 from benchmarks.app.models import Normalized, checkpoint_path, model_label
 from benchmarks.app.preprocessing import input_protocol_fields
+from benchmarks.app.source_data import SPLIT as SOURCE_SPLIT
 from benchmarks.app.spec import RunSpec
 from benchmarks.protocol import (
     COMPUTE_AWARE_ERROR,
@@ -184,12 +185,18 @@ def build_protocol(spec: RunSpec, model: nn.Module, method: Any, streams: Sequen
         data=data_protocol(spec, streams),
         setting=setting_protocol(spec, streams),
         metric=metric_protocol(spec),
-        method=MethodProtocol(name=spec.method, hparams=_with_wrapper(resolved_hparams(method), spec.reset_every)),
+        method=MethodProtocol(name=spec.method, hparams=_with_wrapper(resolved_hparams(method), spec)),
         software=software_protocol(spec.device),
     )
 
 
-def _with_wrapper(hparams: dict[str, Any], reset_every: int | None) -> dict[str, Any]:
-    """The method's hyperparameters, plus the wrapper's periodic reset as a part of its own
-    when it is on (absent otherwise, so results without it keep their fingerprints)."""
-    return hparams if reset_every is None else {**hparams, "wrapper": {"reset_every": reset_every}}
+def _with_wrapper(hparams: dict[str, Any], spec: RunSpec) -> dict[str, Any]:
+    """The method's hyperparameters, plus the wrapper's periodic reset and the source data the
+    app gave the method, each as a part of its own when it is on (absent otherwise, so results
+    without them keep their fingerprints)."""
+    out = dict(hparams)
+    if spec.reset_every is not None:
+        out["wrapper"] = {"reset_every": spec.reset_every}
+    if spec.source_images is not None:
+        out["source_data"] = {"split": SOURCE_SPLIT, "images": int(spec.source_images), "order_seed": spec.seed}
+    return out

@@ -122,6 +122,10 @@ class MethodConfig:
     #: RDumb's periodic reset for any method: back to the source state before every N-th
     #: batch (RDumb: 1000); null never resets (tta.adapt(..., reset_every=N))
     reset_every: Optional[int] = None
+    #: labelled clean images of the dataset's training split given to a method that reads
+    #: source data at wrap time (eata's Fisher data, petta's source statistics, adanpc's
+    #: memory; its ``source_data_argument``); null gives none
+    source_images: Optional[int] = None
 
 
 @dataclass
@@ -251,6 +255,7 @@ NON_IDENTITY_KEYS: tuple[str, ...] = (
 #: runs made before them keep their keys (and their folders and finished results)
 IDENTITY_NEUTRAL_DEFAULTS: dict[str, Any] = {
     "method.reset_every": None,
+    "method.source_images": None,
     "stream.recurrences": 1,
     "stream.walk_table": None,
     "stream.walk_target": 0.4,

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from benchmarks.app.errors import BenchConfigError
 from benchmarks.app.identity import plain_values
 from benchmarks.app.schema import AppConfig, EvalConfig, ModelConfig, PathsConfig, RuntimeConfig
-from tta.registry import UnknownMethod, available_methods
+from tta.registry import UnknownMethod, available_methods, method_class, registered_methods
 from tta.spec import MethodSpec
 
 
@@ -39,6 +39,8 @@ class RunSpec:
     method_error: str | None
     #: RDumb's periodic reset of the wrapper (``method.reset_every``), or None
     reset_every: int | None
+    #: clean training images given to the method as source data (``method.source_images``)
+    source_images: int | None
     #: the stream definition, or the error that prevented building it
     stream: Any
     stream_error: str | None
@@ -113,6 +115,14 @@ class RunSpec:
         reset_every = typed.method.reset_every
         if reset_every is not None and reset_every < 1 and method_error is None:
             method_error = f"method.reset_every must be a positive number of batches or null, got {reset_every}"
+        source_images = typed.method.source_images
+        if source_images is not None and method_error is None:
+            takers = [part.name for part in method_spec.parts if part.source_data_argument]  # type: ignore[union-attr]
+            if source_images < 1:
+                method_error = f"method.source_images must be a positive number of images or null, got {source_images}"
+            elif not takers:
+                readers = [name for name in registered_methods() if method_class(name).source_data_argument]
+                method_error = f"method.source_images: {method!r} reads no source data (these do: {', '.join(readers)})"
         resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         assert isinstance(resolved, dict)
         return cls(
@@ -125,6 +135,7 @@ class RunSpec:
             method_spec=method_spec,
             method_error=method_error,
             reset_every=reset_every,
+            source_images=source_images,
             stream=stream,
             stream_error=stream_error,
             num_classes=int(dataset.num_classes),

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 
 import benchmarks.app  # noqa: F401
@@ -166,3 +167,45 @@ def test_reset_every_reaches_the_wrapper_and_the_fingerprint(tmp_path: Path, mon
     runner.run(plain)
     plain_record = read_record(tmp_path / "digits_quick" / run_id(plain) / RECORD_NAME)
     assert "wrapper" not in plain_record["protocol"]["method"]["hparams"]
+
+
+def test_source_images_reach_the_method_that_reads_source_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks.app import source_data
+
+    real_batches = source_data.source_batches
+    seen = []
+
+    def recording(stream, count, seed):  # noqa: ANN001, ANN202
+        batches = real_batches(stream, count, seed)
+        seen.append((stream.split, count, [tuple(x.shape) for x, _ in batches], torch.cat([y for _, y in batches])))
+        return batches
+
+    monkeypatch.setattr(runner, "source_batches", recording)
+    cfg = make(tmp_path, "method=petta", "method.source_images=50")
+    runner.run(cfg)
+    ((split, count, shapes, labels),) = seen
+    assert split == "test" and count == 50  # the stream's config; source_batches reads its train split
+    assert shapes == [(24, 3, 32, 32), (24, 3, 32, 32), (2, 3, 32, 32)]  # the stream's batch size
+    assert len(set(labels.tolist())) > 5  # a seeded shuffle, not a one-class prefix
+    record = read_record(tmp_path / "digits_quick" / run_id(cfg) / RECORD_NAME)
+    assert record["protocol"]["method"]["hparams"]["source_data"] == {"split": "train", "images": 50, "order_seed": 1}
+    from benchmarks.app.errors import BenchConfigError
+
+    with pytest.raises(BenchConfigError, match="reads no source data"):
+        runner.run(make(tmp_path, "method=tent", "method.source_images=50"))
+
+
+def test_source_batches_come_from_the_training_split() -> None:
+    from benchmarks.app.source_data import source_batches
+    from benchmarks.data import load_digits
+    from benchmarks.streams import StreamConfig
+
+    stream = StreamConfig(dataset="digits", domains=("fog",), batch_size=16)
+    batches = source_batches(stream, 40, seed=0)
+    train, test = load_digits("train", size=32), load_digits("test", size=32)
+    images = torch.cat([x for x, _ in batches])
+    train_images, test_images = train.to_tensor(), test.to_tensor()
+    for image, label in zip(images, torch.cat([y for _, y in batches])):
+        match = (train_images == image).flatten(1).all(1).nonzero()
+        assert len(match) >= 1 and int(train.labels[int(match[0])]) == int(label)
+    assert not (test_images[:, None] == images[None]).flatten(2).all(2).any()  # nothing from the test split

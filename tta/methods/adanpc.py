@@ -145,6 +145,7 @@ class AdaNPC(Method):
     role = OUTPUT
     Hparams = AdaNPCHparams
     requires = "labelled source data for the initial kNN memory (source_loader=...)"
+    source_data_argument = "source_loader"
 
     #: test entries: normalized features (fp32) and their predicted labels
     memory = state(lambda m: torch.zeros(0, 0))

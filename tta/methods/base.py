@@ -111,6 +111,10 @@ class Method:
     #: what the method needs beyond an ordinary classifier, in words (None: nothing); methods
     #: that need something are left out where models are generic (``benchmarks.perf``)
     requires: ClassVar[str | None] = None
+    #: the hyperparameter that takes labelled source data (an iterable of ``(inputs, labels)``
+    #: batches), where the method reads some at wrap time; the Hydra app fills it from
+    #: ``method.source_images``
+    source_data_argument: ClassVar[str | None] = None
     #: attributes a step updates for monitoring only (nothing depends on them; not state)
     monitoring: ClassVar[tuple[str, ...]] = ()
 

@@ -253,6 +253,7 @@ class EATA(ETA):
     name = "eata"
     Hparams = EATAHparams
     requires = "source data for the Fisher regularizer (fisher_loader=...); without it eata runs as eta"
+    source_data_argument = "fisher_loader"
 
     def convert(self, model: nn.Module) -> nn.Module:
         model = super().convert(model)

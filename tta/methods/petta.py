@@ -286,6 +286,7 @@ class PeTTA(RoTTA):
     name = "petta"
     Hparams = PeTTAHparams
     requires = "source data for the divergence sensing (source_loader=...)"
+    source_data_argument = "source_loader"
 
     #: per-class mean and variance of the source features (K, D), and which classes have them
     source_mean = state(lambda m: torch.zeros(0))
