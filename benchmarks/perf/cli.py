@@ -24,9 +24,12 @@ SECTIONS = ("methods", "corruptions", "multistream", "profile")
 
 def default_methods() -> list[str]:
     """Every registered method that runs on the perf models as they are, in registry order:
-    those that ``require`` nothing more (bcn needs a BCN-trained model; eata without source
-    data is eta, which stands for both)."""
-    return [name for name in tta.registered_methods() if method_class(name).requires is None]
+    those that ``require`` nothing more, or only source data, which the perf code makes up
+    (:func:`benchmarks.perf.methods.source_data_for`; bcn needs a BCN-trained model)."""
+    return [
+        name for name in tta.registered_methods()
+        if method_class(name).requires is None or method_class(name).source_data_argument is not None
+    ]
 
 
 def _ints(text: str) -> list[int]:

@@ -18,7 +18,8 @@ import torch
 import tta
 from benchmarks.perf.models import MODELS, build_model
 from benchmarks.perf.timing import paired_ratio, peak_memory_bytes, time_interleaved
-from tta.registry import UnknownMethod
+from tta.registry import UnknownMethod, method_class
+from tta.spec import split_name
 
 PLAIN = "plain"
 
@@ -69,6 +70,33 @@ def _na_reason(error: Exception) -> str:
     return text[:90]
 
 
+#: batches of synthetic labelled source data given to methods that read some at wrap time
+SOURCE_BATCHES = 4
+
+
+def source_data_for(name: str, model: torch.nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    """Synthetic labelled source data (random images of ``x``'s shape, random labels) for a
+    method that reads source data when it is wrapped (its ``source_data_argument``): the perf
+    models have random weights, so real data would measure nothing more; what is timed is the
+    step, not the wrap."""
+    try:
+        parts = [method_class(part) for part in split_name(name)]
+    except UnknownMethod:
+        return {}
+    arguments = [part.source_data_argument for part in parts if part.source_data_argument]
+    if not arguments:
+        return {}
+    with torch.inference_mode():
+        num_classes = int(model(x[:1]).shape[1])
+    generator = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.rand(x.shape, generator=generator).to(x.device),
+         torch.randint(0, num_classes, (x.shape[0],), generator=generator).to(x.device))
+        for _ in range(SOURCE_BATCHES)
+    ]
+    return {arguments[0]: batches}
+
+
 def build_variants(
     model: torch.nn.Module, x: torch.Tensor, methods: Sequence[str]
 ) -> tuple[dict[str, Callable[[], object]], dict[str, str]]:
@@ -83,7 +111,7 @@ def build_variants(
     skipped: dict[str, str] = {}
     for name in methods:
         try:
-            adapted = tta.adapt(model, name)
+            adapted = tta.adapt(model, name, **source_data_for(name, model, x))
         except UnknownMethod:
             skipped[name] = "n/a: method not registered in this checkout"
             continue

@@ -61,14 +61,32 @@ def test_methods_and_profile_sections_write_a_consistent_table(tmp_path):
     assert (tmp_path / "profile_cpu_unmix_tns.txt").exists()
 
 
-def test_the_default_methods_are_the_registrys_that_need_nothing_more():
+def test_the_default_methods_are_the_registrys_that_need_nothing_more_than_source_data():
     import tta
     from benchmarks.perf.cli import default_methods
     from tta.registry import method_class
 
-    expected = [name for name in tta.registered_methods() if method_class(name).requires is None]
+    expected = [
+        name for name in tta.registered_methods()
+        if method_class(name).requires is None or method_class(name).source_data_argument
+    ]
     assert default_methods() == expected == parse_args([]).methods
-    assert {"bcn", "eata"}.isdisjoint(expected) and {"source", "norm", "tent", "eta"} <= set(expected)
+    assert "bcn" not in expected and {"source", "norm", "tent", "eta", "eata", "petta", "adanpc"} <= set(expected)
+
+
+def test_methods_that_read_source_data_get_synthetic_batches():
+    from benchmarks.perf.methods import SOURCE_BATCHES, build_variants, source_data_for
+    from benchmarks.models.digits import DigitsCNN
+
+    model = DigitsCNN(10, 8, "bn").eval()
+    x = torch.rand(6, 3, 8, 8)
+    (argument, batches), = source_data_for("petta", model, x).items()
+    assert argument == "source_loader" and len(batches) == SOURCE_BATCHES
+    assert all(b[0].shape == x.shape and int(b[1].max()) < 10 for b in batches)
+    assert source_data_for("rbn+adanpc", model, x).keys() == {"source_loader"}
+    assert source_data_for("tent", model, x) == {} and source_data_for("no_such", model, x) == {}
+    calls, skipped = build_variants(model, x, ["eata", "adanpc", "petta"])
+    assert not skipped and {"eata", "adanpc", "petta"} <= calls.keys()
 
 
 def test_vit_has_no_statistics_methods_but_runs_tent(tmp_path):
