@@ -15,7 +15,12 @@ import torch
 from benchmarks.perf import main
 from benchmarks.perf.cli import parse_args
 from benchmarks.perf.report import check_targets
-from benchmarks.perf.timing import Timing, paired_ratio, peak_memory_bytes, time_interleaved
+from benchmarks.perf.timing import (
+    Timing,
+    paired_ratio,
+    peak_memory_bytes,
+    time_interleaved,
+)
 
 TINY = [
     "--device", "cpu", "--repeats", "1", "--warmup", "0", "--min-time", "0", "--threads", "1",
@@ -75,8 +80,8 @@ def test_the_default_methods_are_the_registrys_that_need_nothing_more_than_sourc
 
 
 def test_methods_that_read_source_data_get_synthetic_batches():
-    from benchmarks.perf.methods import SOURCE_BATCHES, build_variants, source_data_for
     from benchmarks.models.digits import DigitsCNN
+    from benchmarks.perf.methods import SOURCE_BATCHES, build_variants, source_data_for
 
     model = DigitsCNN(10, 8, "bn").eval()
     x = torch.rand(6, 3, 8, 8)

@@ -8,8 +8,6 @@ import ast
 import copy
 import logging
 import math
-import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +17,13 @@ import tta
 from tests.conftest import small_bn_cnn
 from tests.official import checkout_root
 from tta.methods import cotta as cotta_module
-from tta.methods.cotta import CoTTANet, ema_, restore_masks, stochastic_restore_, teacher_cross_entropy
+from tta.methods.cotta import (
+    CoTTANet,
+    ema_,
+    restore_masks,
+    stochastic_restore_,
+    teacher_cross_entropy,
+)
 from tta.methods.strong_augment import STRONG, strong_augment
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import tta
+from tests.conftest import batches, small_bn_cnn
+from tests.official import checkout_root
 from tta.methods import petta as petta_module
 from tta.methods.petta import (
     PeTTAModel,
@@ -29,10 +31,6 @@ from tta.methods.petta import (
     source_feature_statistics,
     update_prototypes,
 )
-
-from tests.official import checkout_root
-
-from tests.conftest import batches, small_bn_cnn
 
 
 # -- hand-computed pieces ---------------------------------------------------------------------
