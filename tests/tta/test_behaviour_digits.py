@@ -13,7 +13,6 @@ mild corruptions. That is the faithful method; only the label-shift effect is as
 
 from functools import lru_cache
 
-import pytest
 import torch
 
 import tta
