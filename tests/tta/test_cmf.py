@@ -4,22 +4,15 @@ official CMF class step by step."""
 
 from __future__ import annotations
 
-import ast
 import copy
-import functools
-import importlib.util
-import logging
 import types
-from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import tta
 from tests.conftest import small_bn_cnn
-from tests.official import checkout_root
+from tests.tta.test_roid import official_benchmark_method
 from tta.methods.cmf import filter_gain, momentum_filter_
 from tta.methods.roid import prior_correction
 
@@ -108,41 +101,8 @@ def test_bad_hyperparameters_raise() -> None:
 
 
 # -- the official code ---------------------------------------------------------------------
-def _module_from(path: Path, namespace: dict) -> dict:
-    """Execute a file of the official repository without its import statements (the names
-    it imports are given in ``namespace``)."""
-    tree = ast.parse(path.read_text())
-    body = [node for node in tree.body if not isinstance(node, (ast.Import, ast.ImportFrom))]
-    exec(compile(ast.Module(body=body, type_ignores=[]), str(path), "exec"), namespace)
-    return namespace
-
-
-def _load(path: Path, name: str) -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
 def _official_cmf():
-    root = checkout_root("ROID_OFFICIAL_SRC") / "classification"
-    import torchvision
-    from torch.nn.utils.weight_norm import WeightNorm
-
-    dummy = type("ResNetDomainNet126", (nn.Module,), {})
-    common = {"torch": torch, "nn": nn, "F": F, "deepcopy": copy.deepcopy, "wraps": functools.wraps,
-              "WeightNorm": WeightNorm, "ResNetDomainNet126": dummy, "transforms": torchvision.transforms,
-              "logging": logging, "logger": logging.getLogger("official")}
-    base = _module_from(root / "methods" / "base.py", dict(common))
-    losses = _load(root / "utils" / "losses.py", "official_losses")
-    misc = _load(root / "utils" / "misc.py", "official_misc")
-    cotta = _load(root / "augmentations" / "transforms_cotta.py", "official_transforms_cotta")
-    registry = types.SimpleNamespace(register=lambda: (lambda cls: cls))
-    namespace = dict(common, TTAMethod=base["TTAMethod"], ADAPTATION_REGISTRY=registry,
-                     get_tta_transforms=cotta.get_tta_transforms, Entropy=losses.Entropy,
-                     SymmetricCrossEntropy=losses.SymmetricCrossEntropy,
-                     SoftLikelihoodRatio=losses.SoftLikelihoodRatio, ema_update_model=misc.ema_update_model)
-    return _module_from(root / "methods" / "cmf.py", namespace)["CMF"]
+    return official_benchmark_method("cmf.py", "CMF")
 
 
 def _cfg(batch_size: int, consistency: bool, q: float) -> types.SimpleNamespace:

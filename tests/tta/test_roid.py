@@ -180,7 +180,9 @@ def _load(path: Path, name: str) -> types.ModuleType:
     return module
 
 
-def _official_roid():
+def official_benchmark_method(filename: str, class_name: str) -> type:
+    """A method class of the ROID authors' benchmark (``classification/methods/<filename>``),
+    executed with the names it imports given directly (also used by test_cmf.py)."""
     root = checkout_root("ROID_OFFICIAL_SRC") / "classification"
     import torchvision
     from torch.nn.utils.weight_norm import WeightNorm
@@ -198,7 +200,11 @@ def _official_roid():
                      get_tta_transforms=cotta.get_tta_transforms, Entropy=losses.Entropy,
                      SymmetricCrossEntropy=losses.SymmetricCrossEntropy,
                      SoftLikelihoodRatio=losses.SoftLikelihoodRatio, ema_update_model=misc.ema_update_model)
-    return _module_from(root / "methods" / "roid.py", namespace)["ROID"]
+    return _module_from(root / "methods" / filename, namespace)[class_name]
+
+
+def _official_roid():
+    return official_benchmark_method("roid.py", "ROID")
 
 
 def _cfg(batch_size: int, consistency: bool) -> types.SimpleNamespace:

@@ -14,6 +14,7 @@ from tta.methods.base import OBJECTIVE, Method
 from tta.methods.optim import MasterOptimizer, OptimizerHparams, build_optimizer, descend
 from tta.methods.roid import symmetric_cross_entropy
 from tta.methods.state import state
+from tta.methods.tribe import TriNet
 from tta.methods.strong_augment import RANGES, strong_augment
 from tta.registry import register_method
 
@@ -87,19 +88,10 @@ class CoTTAHparams(OptimizerHparams):
     episodic: bool = False
 
 
-class CoTTANet(nn.Module):
-    """CoTTA's three networks: the student (the converted model, trained), the teacher (its
-    moving average) and the anchor (a frozen copy of the source model). ``forward`` is the
-    teacher's."""
-
-    def __init__(self, student: nn.Module, teacher: nn.Module, anchor: nn.Module) -> None:
-        super().__init__()
-        self.student = student
-        self.teacher = teacher
-        self.anchor = anchor
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.teacher(x)
+class CoTTANet(TriNet):
+    """CoTTA's three networks, in TRIBE's container: the student (the converted model,
+    trained), the teacher (its moving average, with parameters of its own) and the anchor (a
+    frozen copy of the source model). ``forward`` is the teacher's."""
 
 
 def _write_back(optimizer: MasterOptimizer) -> None:
