@@ -212,11 +212,11 @@ def run(cfg: DictConfig | RunSpec) -> dict[str, Any]:
     if stream_cfg.schedule == "ccc" and stream_cfg.walk_table == CCC_AUTO:
         stream_cfg = stream_cfg.replace(walk_table=str(ensure_ccc_table(model, stream_cfg, spec.paths.cache_dir)))
     streams = build_domain_streams(stream_cfg) if spec.eval.multi_stream else [build_stream(stream_cfg)]
-    # seed: the wrapper's generator, from which methods draw random state (UnMix-TNS)
     if spec.source_images is not None:  # parsed again with the loader, which a config cannot hold
         loader = source_batches(stream_cfg, spec.source_images, spec.seed)
         given = {**method_spec.given, source_data_argument(method_spec): loader}
         method_spec = tta.MethodSpec.parse(method, given, num_streams=method_spec.num_streams)
+    # seed: the wrapper's generator, from which methods draw random state (UnMix-TNS)
     adapted = tta.adapt(model, method_spec, num_streams=method_spec.num_streams, seed=spec.seed, reset_every=spec.reset_every)
     protocol = build_protocol(spec, model, adapted.method, streams)
     fingerprint = protocol.fingerprint()

@@ -6,7 +6,8 @@ Constraints" (official code: MotasemAlfarra/Online_Test_Time_Adaptation, ``utils
 plain, non-adapting model predicts one (``eta`` in (0, 1]; 1 = as fast as plain inference).
 A method whose step takes ``r`` times as long as plain inference is still busy when the next
 ``ceil(r * eta) - 1`` batches arrive: it adapts on the batch it started, and the batches it
-misses are predicted by its latest model without adapting. In the official code's words:
+misses are predicted by its latest model without adapting. Per batch, as the official loop
+does it:
 
 * ``delay == 0``: run the adapting step on the batch, time it, time the plain model on the
   same batch, ``r = t_step / t_plain``, ``delay += max(0, ceil(r * eta) - 1)``;
@@ -82,6 +83,8 @@ class ComputeBudget:
     def __call__(self, model: Any, images: torch.Tensor) -> torch.Tensor:
         """The prediction for ``images``: an adapting step of ``model`` (a ``tta.Adapted``), or
         its latest model's prediction without adapting while an earlier step still runs."""
+        if not hasattr(model, "no_adapt"):
+            raise TypeError("compute-aware evaluation needs a model that can predict without adapting (tta.Adapted)")
         if self.delay > 0:
             self.delay -= 1
             self.skipped_batches += 1

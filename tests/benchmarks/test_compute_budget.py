@@ -94,6 +94,11 @@ def test_bad_budgets_are_refused(kwargs: dict) -> None:
         ComputeBudget(**kwargs)
 
 
+def test_a_model_that_cannot_skip_adaptation_is_refused() -> None:
+    with pytest.raises(TypeError, match="without adapting"):
+        ComputeBudget(1.0, cost=2.0)(lambda x: x, torch.zeros(2, 3))
+
+
 def test_missed_batches_are_predicted_by_the_latest_model_without_adapting() -> None:
     torch.manual_seed(0)
     adapted = tta.adapt(DigitsCNN(10, 8, "bn"), "tent", lr=1e-2)
