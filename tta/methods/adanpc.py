@@ -159,9 +159,7 @@ class AdaNPC(Method):
 
     # -- conversion -------------------------------------------------------------------------
     def convert(self, model: nn.Module) -> nn.Module:
-        hp = self.hparams
-        loader, hp.source_loader = hp.source_loader, None  # read once; do not hold the data
-        self._source = "none" if loader is None else type(loader).__name__
+        loader = self.take_source_data()
         self._layer = self._find_layer(model)
         if loader is None:
             raise ValueError(
@@ -265,11 +263,3 @@ class AdaNPC(Method):
         self.source_features = self.source_features.to(conversion_target(fn, self.source_features).device)
         self.source_labels = self.source_labels.to(conversion_target(fn, self.source_labels).device)
 
-    def describe(self) -> str:
-        fields = {f.name: getattr(self.hparams, f.name) for f in dataclasses.fields(self.hparams)}
-        if hasattr(self, "_source"):
-            fields["source_loader"] = self._source
-        elif fields["source_loader"] is not None:
-            fields["source_loader"] = type(fields["source_loader"]).__name__
-        inner = ", ".join(f"{key}={value!r}" for key, value in fields.items())
-        return f"{self.name}({inner})"

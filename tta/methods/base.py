@@ -251,7 +251,23 @@ class Method:
         """``{part name: {hyperparameter: value in use}}``, defaults included."""
         return {part.name: dataclasses.asdict(part.hparams) for part in self.parts()}
 
+    def take_source_data(self) -> Any:
+        """The source data of :attr:`source_data_argument`, taken out of the hyperparameters:
+        read once at wrap time, never held; :meth:`describe` then names what it was."""
+        argument = self.source_data_argument
+        assert argument is not None, f"{self.name} reads no source data"
+        loader = getattr(self.hparams, argument)
+        setattr(self.hparams, argument, None)
+        self._source_description = "none" if loader is None else type(loader).__name__
+        return loader
+
     def describe(self) -> str:
-        fields = dataclasses.asdict(self.hparams)
+        fields = {f.name: getattr(self.hparams, f.name) for f in dataclasses.fields(self.hparams)}
+        argument = self.source_data_argument
+        if argument is not None:  # a data loader is described by its type, not printed
+            value = fields[argument]
+            fields[argument] = getattr(self, "_source_description", None) or (
+                None if value is None else type(value).__name__
+            )
         inner = ", ".join(f"{key}={value!r}" for key, value in fields.items())
         return f"{self.name}({inner})"

@@ -258,8 +258,7 @@ class EATA(ETA):
     def convert(self, model: nn.Module) -> nn.Module:
         model = super().convert(model)
         hp = self.hparams
-        loader, hp.fisher_loader = hp.fisher_loader, None  # read once; do not hold the data
-        self._fisher_source = "none" if loader is None else type(loader).__name__
+        loader = self.take_source_data()
         if loader is None or hp.fisher_alpha == 0.0:
             logger.warning("eata: no fisher_loader (or fisher_alpha=0): running as ETA, without the Fisher regularizer")
             return model
@@ -275,11 +274,3 @@ class EATA(ETA):
         total = sum((f * (p.float() - a).square()).sum() for f, p, a in zip(self.fisher, self.params, self.anchors))
         return self.hparams.fisher_alpha * total  # type: ignore[return-value]
 
-    def describe(self) -> str:
-        fields = {f.name: getattr(self.hparams, f.name) for f in dataclasses.fields(self.hparams)}
-        if hasattr(self, "_fisher_source"):  # after convert(): what the Fisher came from
-            fields["fisher_loader"] = self._fisher_source
-        elif fields["fisher_loader"] is not None:
-            fields["fisher_loader"] = type(fields["fisher_loader"]).__name__
-        inner = ", ".join(f"{key}={value!r}" for key, value in fields.items())
-        return f"{self.name}({inner})"

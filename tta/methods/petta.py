@@ -301,7 +301,7 @@ class PeTTA(RoTTA):
     # -- setup ------------------------------------------------------------------------------
     def convert(self, model: nn.Module) -> nn.Module:
         hp = self.hparams
-        loader, hp.source_loader = hp.source_loader, None  # read once; do not hold the data
+        loader = self.take_source_data()
         sensing = hp.adaptive_lambda or hp.adaptive_alpha
         if sensing and loader is None:
             raise ValueError(
@@ -309,7 +309,6 @@ class PeTTA(RoTTA):
                 "source_loader=...) with an iterable of input batches or (inputs, labels) batches of "
                 "the source distribution; or turn the sensing off (adaptive_lambda=False, adaptive_alpha=False)"
             )
-        self._source = "none" if loader is None else type(loader).__name__
         wrapped = super().convert(model)
         assert isinstance(wrapped, TeacherStudent)
         anchor = copy.deepcopy(wrapped.student)
@@ -435,11 +434,3 @@ class PeTTA(RoTTA):
         self._average_teacher(self.alpha)
         self.num_updates += 1
 
-    def describe(self) -> str:
-        fields = {f.name: getattr(self.hparams, f.name) for f in dataclasses.fields(self.hparams)}
-        if hasattr(self, "_source"):  # after convert(): what the statistics came from
-            fields["source_loader"] = self._source
-        elif fields["source_loader"] is not None:
-            fields["source_loader"] = type(fields["source_loader"]).__name__
-        inner = ", ".join(f"{key}={value!r}" for key, value in fields.items())
-        return f"{self.name}({inner})"
