@@ -24,4 +24,5 @@ from tta.methods import petta  # noqa: F401
 from tta.methods import deyo  # noqa: F401
 from tta.methods import cotta  # noqa: F401
 from tta.methods import cmf  # noqa: F401
+from tta.methods import follow  # noqa: F401
 # isort: on

@@ -76,11 +76,13 @@ def prior_correction(logits: torch.Tensor) -> torch.Tensor:
 
     Paper and code disagree: the paper reweights the *probabilities* by the smoothed prior;
     the official code multiplies the *logits* by it, and so do we. The smoothing keeps the
-    correction mild when the batch is small or the prior flat."""
+    correction mild when the batch is small or the prior flat.
+
+    ``logits`` is ``(N, C)``, or ``(S, N, C)`` for S batches corrected each with its own prior."""
     out = logits.float()
-    prior = torch.softmax(out, dim=1).mean(0)
-    n, c = out.shape
-    smooth = max(1.0 / n, 1.0 / c) / prior.max()
+    prior = torch.softmax(out, dim=-1).mean(-2, keepdim=True)
+    n, c = out.shape[-2:]
+    smooth = max(1.0 / n, 1.0 / c) / prior.amax(-1, keepdim=True)
     return (out * ((prior + smooth) / (1.0 + smooth * c))).to(logits.dtype)
 
 
