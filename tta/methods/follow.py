@@ -33,6 +33,12 @@ class FollowHparams:
     #: frequent class; two concentrated batches in a row on different classes raise the alarm.
     #: 0.4 over 0.5 and 0.6 on the development streams (class-sorted at 2,000 per corruption)
     concentration: float = hparam(0.4, low=0.0, low_open=True, high=1.0)
+    #: z-score of the homogeneity test (chi-square, as a z) between a batch's predicted
+    #: labels and the previous batch's above which the pair counts as label-shifted
+    shift_z: float = hparam(3.0, low=0.0, low_open=True)
+    #: consecutive label-shifted pairs that raise the alarm (a domain change, even inside a
+    #: batch, makes at most two in a row; batch-level label shift makes one at every batch)
+    shift_batches: int = hparam(3, low=1)
     #: samples after the last alarm during which the stream counts as label-correlated
     #: (2048: 4096 did no better on the development streams, 1024 let class runs through)
     hold: int = hparam(2048, low=0)
@@ -92,6 +98,29 @@ def run_score(labels: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return torch.where(var > 1e-9, z, torch.zeros_like(z)).float()
 
 
+def homogeneity_score(counts: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """Per-stream chi-square test of homogeneity between two batches' class counts, as a z.
+
+    ``counts``, ``previous``: ``(S, K)``. Over the ``K'`` classes seen in either batch, with
+    ``t_k`` the pooled count and ``n_a, n_b`` the batch sizes, ``X^2 = sum_k sum_b (c_bk -
+    t_k n_b / (n_a + n_b))^2 / (t_k n_b / (n_a + n_b))`` is about chi-square with ``K' - 1``
+    degrees of freedom when both batches draw from one label distribution;
+    ``z = (X^2 - df) / sqrt(2 df)`` (0 when ``df = 0`` or a batch is empty).
+    """
+    a, b = counts.double(), previous.double()
+    n_a, n_b = a.sum(1, keepdim=True), b.sum(1, keepdim=True)
+    total = a + b
+    seen = total > 0
+    share_a = n_a / (n_a + n_b).clamp_min(1.0)
+    expected_a, expected_b = total * share_a, total * (1 - share_a)
+    terms = (a - expected_a).square() / expected_a.clamp_min(1e-12) + (b - expected_b).square() / expected_b.clamp_min(1e-12)
+    x2 = torch.where(seen, terms, torch.zeros_like(terms)).sum(1)
+    df = seen.sum(1).double() - 1
+    z = (x2 - df) / (2 * df).clamp_min(1e-12).sqrt()
+    valid = (df > 0) & (n_a.squeeze(1) > 0) & (n_b.squeeze(1) > 0)
+    return torch.where(valid, z, torch.zeros_like(z)).float()
+
+
 def dominant_class(counts: torch.Tensor, n: int, concentration: float) -> torch.Tensor:
     """Per stream, the most frequent class of a batch whose share of same-label pairs is at
     least ``concentration``, else -1."""
@@ -125,7 +154,12 @@ class Follow(StatisticsMethod):
       any class marginal, however biased, passes it on an i.i.d. stream. Batches wholly of one
       class have no order to test; two *concentrated* batches in a row whose dominant classes
       differ raise the alarm instead (:func:`dominant_class`; a domain that pushes every
-      image into one class keeps that class from batch to batch). The stream counts as
+      image into one class keeps that class from batch to batch). Batches whose order was
+      shuffled but whose label mix changes from batch to batch (label shift between
+      batches) fail a homogeneity test against the previous batch
+      (:func:`homogeneity_score`) at every batch; ``shift_batches`` failures in a row raise
+      the alarm, which a domain change cannot do (it makes at most two: the batch it falls
+      in and the next). The stream counts as
       label-correlated for ``hold`` samples after the last alarm: correlation is a property
       of a deployment and class runs can outlast a batch.
     * **A slow path that does not drift on long class runs**: TRIBE's class-balanced
@@ -142,14 +176,16 @@ class Follow(StatisticsMethod):
        prediction ``o_slow`` and pseudo-labels ``y = argmax o_slow``;
     2. detector on y (per stream): alarm if ``run_score(y) > z_threshold``, or if this and
        the previous batch are both concentrated (share of same-label pairs at least
-       ``concentration``) on different classes; ``quiet`` (samples since the last alarm, at most ``hold``)
+       ``concentration``) on different classes, or if ``homogeneity_score`` against the
+       previous batch's counts has exceeded ``shift_z`` on ``shift_batches`` batches in a
+       row; ``quiet`` (samples since the last alarm, at most ``hold``)
        is reset to 0 on an alarm, else grows by n; the stream is *correlated* while
        ``quiet < hold``;
     3. second forward with the labels: the class-balanced statistics update (balanced_bn's
        step 3), output discarded;
     4. the returned prediction, per stream: correlated: ``o_slow`` with the prior correction;
-       not correlated and ``n >= min_batch_size``: a third forward with test-batch statistics
-       (test-time BN); otherwise ``o_slow``.
+       not correlated and ``n >= min_batch_size``: the output of a third forward with
+       test-batch statistics (test-time BN); otherwise ``o_slow``.
 
     A stream starts not correlated (``quiet = hold``): a class-sorted stream raises the
     alarm at its first batch that holds two runs. Ablations (``paths``): "slow" is
@@ -160,8 +196,9 @@ class Follow(StatisticsMethod):
     method keeps the model's output and applies the detector and the prior correction to
     it (one forward).
 
-    Cost: two forwards on correlated batches, three on i.i.d. ones (one on models without
-    BatchNorm); one host synchronisation per step (whether the third forward is needed).
+    Cost: three forwards per batch of at least ``min_batch_size`` (the test-batch one runs
+    whatever the detector says, so that no step waits for the device: no host
+    synchronisation), two below; one on models without BatchNorm.
     Under an objective (``"follow+tent"``) the layers behave as balanced_bn's unlabelled
     ones (a robust moving average) and neither the detector nor the correction runs.
     ``last_correlated`` and ``last_score`` hold the latest step's ``(S,)`` flags and run-test
@@ -175,6 +212,10 @@ class Follow(StatisticsMethod):
     quiet = state(lambda m: torch.zeros(0))
     #: dominant class of the previous batch if it was concentrated, else -1; (S,) long
     previous_dominant = state(lambda m: torch.zeros(0, dtype=torch.long))
+    #: class counts of the previous batch's pseudo-labels, (S, K) float32 (zeros: none yet)
+    previous_counts = state(lambda m: torch.zeros(0))
+    #: consecutive label-shifted batch pairs so far, (S,) float32
+    shift_streak = state(lambda m: torch.zeros(0))
     monitoring = ("last_correlated", "last_score")
     last_correlated: torch.Tensor | None = None
     last_score: torch.Tensor | None = None
@@ -186,6 +227,8 @@ class Follow(StatisticsMethod):
         device = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
         self.quiet = torch.full((self.num_streams,), float(self.hparams.hold), device=device)
         self.previous_dominant = torch.full((self.num_streams,), -1, dtype=torch.long, device=device)
+        self.previous_counts = torch.zeros(self.num_streams, self._num_classes, device=device)
+        self.shift_streak = torch.zeros(self.num_streams, device=device)
         return model
 
     def build_layer(self, name: str, source: SourceNormState) -> AdaptiveNorm:
@@ -208,11 +251,18 @@ class Follow(StatisticsMethod):
         score = run_score(labels, counts)
         dominant = dominant_class(counts, n, hp.concentration)
         previous = self.previous_dominant.to(labels.device)
-        alarm = (score > hp.z_threshold) | ((dominant >= 0) & (previous >= 0) & (dominant != previous))
+        shifted = homogeneity_score(counts, self.previous_counts.to(labels.device)) > hp.shift_z
+        streak = torch.where(shifted, self.shift_streak.to(labels.device) + 1, 0.0)
+        alarm = (
+            (score > hp.z_threshold)
+            | ((dominant >= 0) & (previous >= 0) & (dominant != previous))
+            | (streak >= hp.shift_batches)
+        )
         quiet = torch.where(alarm, 0.0, (self.quiet.to(labels.device) + n).clamp_max(float(hp.hold)))
         correlated = quiet < hp.hold
         if update:
             self.quiet, self.previous_dominant = quiet, dominant
+            self.previous_counts, self.shift_streak = counts, streak.clamp_max(float(hp.shift_batches))
             self.last_correlated, self.last_score = correlated, score
         return correlated
 
@@ -235,7 +285,7 @@ class Follow(StatisticsMethod):
                     for layer in layers:
                         layer.labels = None
             out = slow
-            if layers and n >= hp.min_batch_size and not bool(correlated.all()):
+            if layers and n >= hp.min_batch_size:  # always, so that no step waits for the device
                 try:
                     for layer in layers:
                         layer.batch_stats = True
