@@ -68,6 +68,13 @@
 # is 50 steps of 1,000 (50,000 images); the GN evaluation streams run GN_EVAL_POOL (GN_POOL
 # without tent, deyo and cmf: tent and deyo were 15-30 points above source on the GN
 # streams of docs/RESULTS.md, cmf within 0.1 of roid) and the GN batch-16 stream is dropped.
+#
+# AMENDED at 09:44 UTC, for compute, before any run of the 2,000-image, 100,000-image, CCC,
+# GN-evaluation or ViT streams (a progress check at 09:26 had printed the finished sorted
+# 300-image evaluation runs of tent, eta, roid, lame, rbn and balanced_bn; nothing was changed
+# on account of them): LONG_EVAL_POOL drops rotta; the CCC walk is 25 steps of 1,000
+# (25,000 images); EVAL_2000_POOL drops rbn; the GN Dirichlet evaluation stream is dropped;
+# the ViT runs VIT_POOL source, sar, lame, follow.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -78,11 +85,11 @@ export OMP_NUM_THREADS=1
 BN_POOL=source,norm,tent,eta,roid,lame,alpha_bn,rbn,balanced_bn,unmix_tns,gated_bn,rotta,tribe,cmf,follow
 LONG_POOL=source,norm,tent,lame,rbn,balanced_bn,rotta,follow
 GN_POOL=source,tent,sar,eta,roid,lame,deyo,cmf,follow
-VIT_POOL=source,tent,sar,eta,lame,follow
+VIT_POOL=source,sar,lame,follow
 BATCH16_POOL=source,norm,tent,eta,roid,lame,alpha_bn,rbn,balanced_bn,unmix_tns,gated_bn,follow
-LONG_EVAL_POOL=source,norm,balanced_bn,rotta,follow
+LONG_EVAL_POOL=source,norm,balanced_bn,follow
 EVAL_POOL=source,norm,tent,eta,roid,lame,rbn,balanced_bn,rotta,follow
-EVAL_2000_POOL=source,norm,lame,rbn,balanced_bn,follow
+EVAL_2000_POOL=source,norm,lame,balanced_bn,follow
 GN_EVAL_POOL=source,sar,eta,roid,lame,follow
 
 sweep() {  # sweep <split/name> <overrides...>: one multirun into $OUT/<split>/<name>
@@ -133,7 +140,7 @@ eval_bn_2000() {
 }
 eval_bn_long() {
   POOL=$LONG_EVAL_POOL bn eval/bn_recurring_100k experiment=cifar10c_continual stream=recurring stream.batch_size=64 seed=2 stream.n_examples=334
-  POOL=$LONG_EVAL_POOL bn eval/bn_ccc_50k experiment=cifar10c_continual stream=ccc stream.batch_size=64 stream.walk_steps=50 seed=2
+  POOL=$LONG_EVAL_POOL bn eval/bn_ccc_25k experiment=cifar10c_continual stream=ccc stream.batch_size=64 stream.walk_steps=25 seed=2
 }
 eval_digits() {
   sweep eval/digits experiment=digits_quick seed=1 stream.batch_size=16 method="$BN_POOL" \
@@ -145,7 +152,6 @@ eval_demo() {
 eval_gn() {
   POOL=$GN_EVAL_POOL gn eval/gn_iid_300 "${C[@]}" seed=2
   POOL=$GN_EVAL_POOL gn eval/gn_sorted_300 "${C[@]}" seed=2 stream.label_order=sorted
-  POOL=$GN_EVAL_POOL gn eval/gn_dirichlet0.01_300 "${C[@]}" seed=2 stream.label_order=dirichlet stream.delta=0.01
 }
 eval_vit() {
   vit eval/vit_iid_300 "${C[@]}" seed=2
@@ -157,11 +163,11 @@ select_one() {  # select_one <name> <dev folders> <eval folders>
 }
 select_bn() {
   select_one bn "[$OUT/dev/bn_iid_300,$OUT/dev/bn_sorted_300,$OUT/dev/bn_dirichlet0.1_300,$OUT/dev/bn_class_temporal_300,$OUT/dev/bn_sorted_batch16_300,$OUT/dev/bn_iid_batch16_300,$OUT/dev/bn_sorted_2000,$OUT/dev/bn_sorted_2000_batch200]" \
-    "[$OUT/eval/bn_iid_300,$OUT/eval/bn_sorted_300,$OUT/eval/bn_dirichlet0.01_300,$OUT/eval/bn_mixed_300,$OUT/eval/bn_severity3_300,$OUT/eval/bn_iid_batch16_300,$OUT/eval/bn_iid_2000,$OUT/eval/bn_sorted_2000,$OUT/eval/bn_imbalanced_2000,$OUT/eval/bn_recurring_100k,$OUT/eval/bn_ccc_50k]"
+    "[$OUT/eval/bn_iid_300,$OUT/eval/bn_sorted_300,$OUT/eval/bn_dirichlet0.01_300,$OUT/eval/bn_mixed_300,$OUT/eval/bn_severity3_300,$OUT/eval/bn_iid_batch16_300,$OUT/eval/bn_iid_2000,$OUT/eval/bn_sorted_2000,$OUT/eval/bn_imbalanced_2000,$OUT/eval/bn_recurring_100k,$OUT/eval/bn_ccc_25k]"
 }
 select_gn() {
   select_one gn "[$OUT/dev/gn_iid_300,$OUT/dev/gn_sorted_300]" \
-    "[$OUT/eval/gn_iid_300,$OUT/eval/gn_sorted_300,$OUT/eval/gn_dirichlet0.01_300]"
+    "[$OUT/eval/gn_iid_300,$OUT/eval/gn_sorted_300]"
 }
 
 SECTIONS=("$@")
