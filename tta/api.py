@@ -32,33 +32,36 @@ def choose_method(model: nn.Module) -> tuple[str, str]:
 
     The rule was chosen by measurement: every candidate ran on development streams, the rule
     was picked from those alone, then scored on evaluation streams that took no part in the
-    choice (``scripts/run_selection.sh``; regret tables in docs/RESULTS.md and the README).
+    choice (``scripts/run_stream_selection.sh``, issue 25; before it
+    ``scripts/run_selection.sh``; regret tables in docs/RESULTS.md and the README).
 
     * Batch-channel normalization layers (:class:`tta.layers.BatchChannelNorm2d`, a BCN+WS
       model): ``bcn``, best on both development streams of the BCN+WS ResNet-26 (i.i.d. and
       class-sorted CIFAR-10-C).
-    * BatchNorm layers: ``balanced_bn`` (TRIBE's class-balanced statistics): of the
-      candidates within 0.5 points of the source model on every development stream, the one
-      with the smallest largest regret to the best method; it needs the class count, read from the model's last
-      ``nn.Linear``: without one, ``source``.
-    * Only GroupNorm/LayerNorm: ``sar`` when registered, else ``source``.
-    * No normalization layer, or only kinds that no selection measured: ``source``.
+    * BatchNorm layers: ``follow`` (test-time BN where the stream's labels arrive in random
+      order, class-balanced statistics and a prior correction of the output where they do
+      not): of the candidates within 0.5 points of the source model on every development
+      stream, the one with the smallest largest regret to the best method.
+    * Only GroupNorm/LayerNorm: ``follow`` as well (on such models its detector and output
+      correction act on the model's own output), chosen the same way on the GroupNorm
+      ResNet-26's development streams.
+    * ``follow`` needs the class count, read from the model's last ``nn.Linear``: without
+      one, ``source``. No normalization layer, or only kinds that no selection measured:
+      ``source``.
 
     Every choice is deterministic for a given model: none of them draws random numbers.
     """
     registered = set(available_methods())
     if "bcn" in registered and any(isinstance(module, BatchChannelNorm2d) for module in model.modules()):
         return "bcn", "the model has batch-channel normalization layers"
-    if find_norm_layers(model):
+    has_batch_norm = bool(find_norm_layers(model))
+    if has_batch_norm or any(is_group_or_layer_norm(module) for module in model.modules()):
+        kind = "BatchNorm" if has_batch_norm else "GroupNorm/LayerNorm"
         try:
-            infer_num_classes(model, "balanced_bn")
+            infer_num_classes(model, "follow")
         except ValueError:
-            return "source", "the model has BatchNorm layers but no Linear classifier to read the class count from"
-        return "balanced_bn", "the model has BatchNorm layers"
-    if any(is_group_or_layer_norm(module) for module in model.modules()):
-        if "sar" in registered:
-            return "sar", "the model has GroupNorm/LayerNorm layers and no BatchNorm"
-        return "source", "GroupNorm/LayerNorm only, and no entropy method is registered"
+            return "source", f"the model has {kind} layers but no Linear classifier to read the class count from"
+        return "follow", f"the model has {kind} layers"
     return "source", "the model has no normalization layer that a selection measured"
 
 

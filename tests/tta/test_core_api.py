@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import tta
-from tests.conftest import batches, small_bn_cnn
+from tests.conftest import batches, small_bn_cnn, small_gn_cnn
 from tta.layers.bcn import BatchChannelNorm2d
 
 STATISTICS_METHODS = ["norm", "alpha_bn", "unmix_tns"]
@@ -41,9 +41,13 @@ def test_unknown_method_and_hparam_raise_listing_valid_ones():
 def test_auto_picks_from_the_normalization_layers_and_says_so(caplog):
     with caplog.at_level(logging.INFO, logger="tta"):
         adapted = tta.adapt(small_bn_cnn())
-    assert adapted.method_name == "balanced_bn"
+    assert adapted.method_name == "follow"
     assert "BatchNorm" in adapted.auto_reason
-    assert "balanced_bn" in caplog.text
+    assert "follow" in caplog.text
+    gn_adapted = tta.adapt(small_gn_cnn())
+    assert (gn_adapted.method_name, gn_adapted.auto_reason) == ("follow", "the model has GroupNorm/LayerNorm layers")
+    gn_headless = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4)).eval()
+    assert tta.adapt(gn_headless).method_name == "source"
     headless = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
     assert tta.adapt(headless).method_name == "source"  # no classifier to read the class count
     plain = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
@@ -77,9 +81,9 @@ def test_the_registry_imports_no_method_module():
 def test_auto_tells_a_user_without_logging_what_it_chose(capsys):
     """No logging configured: the choice still reaches the user, once per call site, as an
     AutoChoice warning (a UserWarning, printed to stderr by Python's default filters)."""
-    with pytest.warns(tta.AutoChoice, match=r"method='auto' chose 'balanced_bn' \(the model has BatchNorm layers\)"):
+    with pytest.warns(tta.AutoChoice, match=r"method='auto' chose 'follow' \(the model has BatchNorm layers\)"):
         adapted = tta.adapt(small_bn_cnn())
-    assert (adapted.method_name, adapted.auto_reason) == ("balanced_bn", "the model has BatchNorm layers")
+    assert (adapted.method_name, adapted.auto_reason) == ("follow", "the model has BatchNorm layers")
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         tta.adapt(small_bn_cnn(), "norm")

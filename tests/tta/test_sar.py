@@ -324,7 +324,7 @@ def test_sar_adapts_bn_gn_and_ln_models(family):
     changed = [n for n, p in zip(sar.param_names, sar.params) if not torch.equal(p, before[n])]
     assert changed
     if family != "bn":
-        assert tta.choose_method(model)[0] == "sar"  # method="auto" on GN/LN-only models
+        assert tta.choose_method(model)[0] == "follow"  # method="auto" on GN/LN-only models
 
 
 # -- state -----------------------------------------------------------------------------------------
