@@ -259,11 +259,15 @@ def current_auto_rule() -> Rule:
     from tta.api import choose_method
     from tta.layers.bcn import BatchChannelNorm2d
 
+    def classifier(norm: nn.Module | None) -> nn.Module:  # the models of a selection are classifiers
+        body = [nn.Conv2d(3, 4, 1)] + ([norm] if norm is not None else [])
+        return nn.Sequential(*body, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
     probes = {
-        "batchnorm": nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)),
-        "group_layer_norm": nn.Sequential(nn.Conv2d(3, 4, 1), nn.GroupNorm(2, 4)),
-        "batch_channel_norm": nn.Sequential(nn.Conv2d(3, 4, 1), BatchChannelNorm2d(4, num_groups=2)),
-        "none": nn.Sequential(nn.Conv2d(3, 4, 1)),
+        "batchnorm": classifier(nn.BatchNorm2d(4)),
+        "group_layer_norm": classifier(nn.GroupNorm(2, 4)),
+        "batch_channel_norm": classifier(BatchChannelNorm2d(4, num_groups=2)),
+        "none": classifier(None),
     }
     choice = tuple((kind, choose_method(model)[0]) for kind, model in probes.items())
     return Rule(name="auto (tta.adapt today)", default=FALLBACK, feature="norm_kind", choice=choice)
