@@ -75,6 +75,11 @@
 # on account of them): LONG_EVAL_POOL drops rotta; the CCC walk is 25 steps of 1,000
 # (25,000 images); EVAL_2000_POOL drops rbn; the GN Dirichlet evaluation stream is dropped;
 # the ViT runs VIT_POOL source, sar, lame, follow.
+#
+# AMENDED at 10:35 UTC, before any CCC result: the CCC walk as declared (target source accuracy
+# 0.4) cannot be built for this model: its calibration table offers one state within 0.1 of
+# 40 % accuracy (impulse_noise), the walk needs two. The walk targets 0.6, about the source
+# model's mean accuracy at severity 5 (the CCC paper's targets are set for ImageNet models).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -140,7 +145,7 @@ eval_bn_2000() {
 }
 eval_bn_long() {
   POOL=$LONG_EVAL_POOL bn eval/bn_recurring_100k experiment=cifar10c_continual stream=recurring stream.batch_size=64 seed=2 stream.n_examples=334
-  POOL=$LONG_EVAL_POOL bn eval/bn_ccc_25k experiment=cifar10c_continual stream=ccc stream.batch_size=64 stream.walk_steps=25 seed=2
+  POOL=$LONG_EVAL_POOL bn eval/bn_ccc_25k experiment=cifar10c_continual stream=ccc stream.batch_size=64 stream.walk_steps=25 stream.walk_target=0.6 seed=2
 }
 eval_digits() {
   sweep eval/digits experiment=digits_quick seed=1 stream.batch_size=16 method="$BN_POOL" \
@@ -158,19 +163,22 @@ eval_vit() {
   vit eval/vit_sorted_300 "${C[@]}" seed=2 stream.label_order=sorted
 }
 
-select_one() {  # select_one <name> <dev folders> <eval folders>
-  "$PY" -m benchmarks.select "dev=$2" "eval=$3" out="$OUT/selected_$1" quiet=true
+select_one() {  # select_one <name> <methods> <dev folders> <eval folders>
+  "$PY" -m benchmarks.select "methods=[$2]" "dev=$3" "eval=$4" out="$OUT/selected_$1" quiet=true \
+    "swept=[software.git_commit,software.git_dirty]" "ignore=[software.git_commit,software.git_dirty]"
 }
-select_bn() {
-  select_one bn "[$OUT/dev/bn_iid_300,$OUT/dev/bn_sorted_300,$OUT/dev/bn_dirichlet0.1_300,$OUT/dev/bn_class_temporal_300,$OUT/dev/bn_sorted_batch16_300,$OUT/dev/bn_iid_batch16_300,$OUT/dev/bn_sorted_2000,$OUT/dev/bn_sorted_2000_batch200]" \
-    "[$OUT/eval/bn_iid_300,$OUT/eval/bn_sorted_300,$OUT/eval/bn_dirichlet0.01_300,$OUT/eval/bn_mixed_300,$OUT/eval/bn_severity3_300,$OUT/eval/bn_iid_batch16_300,$OUT/eval/bn_iid_2000,$OUT/eval/bn_sorted_2000,$OUT/eval/bn_imbalanced_2000,$OUT/eval/bn_recurring_100k,$OUT/eval/bn_ccc_25k]"
+BN_DEV="[$OUT/dev/bn_iid_300,$OUT/dev/bn_sorted_300,$OUT/dev/bn_dirichlet0.1_300,$OUT/dev/bn_class_temporal_300,$OUT/dev/bn_sorted_batch16_300,$OUT/dev/bn_iid_batch16_300,$OUT/dev/bn_sorted_2000,$OUT/dev/bn_sorted_2000_batch200,$OUT/dev/digits]"
+BN_EVAL_SHORT="$OUT/eval/bn_iid_300,$OUT/eval/bn_sorted_300,$OUT/eval/bn_dirichlet0.01_300,$OUT/eval/bn_mixed_300,$OUT/eval/bn_severity3_300,$OUT/eval/bn_iid_batch16_300,$OUT/eval/bn_iid_2000,$OUT/eval/bn_sorted_2000,$OUT/eval/bn_imbalanced_2000,$OUT/eval/digits"
+select_bn() {  # the pool every BN stream ran, on every evaluation stream; then a wider pool without the 100,000-image streams
+  select_one bn source,norm,balanced_bn,follow "$BN_DEV" "[$BN_EVAL_SHORT,$OUT/eval/bn_recurring_100k,$OUT/eval/bn_ccc_25k]"
+  select_one bn_wide source,norm,lame,balanced_bn,follow "$BN_DEV" "[$BN_EVAL_SHORT]"
 }
-select_gn() {
-  select_one gn "[$OUT/dev/gn_iid_300,$OUT/dev/gn_sorted_300]" \
-    "[$OUT/eval/gn_iid_300,$OUT/eval/gn_sorted_300]"
+select_gn() {  # GroupNorm and LayerNorm (ViT) models
+  select_one gn source,sar,lame,follow "[$OUT/dev/gn_iid_300,$OUT/dev/gn_sorted_300,$OUT/dev/vit_iid_300,$OUT/dev/vit_sorted_300]" \
+    "[$OUT/eval/gn_iid_300,$OUT/eval/gn_sorted_300,$OUT/eval/vit_iid_300,$OUT/eval/vit_sorted_300]"
 }
 
 SECTIONS=("$@")
-[ ${#SECTIONS[@]} -gt 0 ] || SECTIONS=(dev_bn dev_digits dev_gn eval_bn eval_bn_2000 eval_bn_long eval_digits eval_demo eval_gn select_bn select_gn)
+[ ${#SECTIONS[@]} -gt 0 ] || SECTIONS=(dev_bn dev_digits dev_gn dev_vit eval_bn eval_bn_2000 eval_bn_long eval_digits eval_demo eval_gn eval_vit select_bn select_gn)
 mkdir -p "$OUT/eval"
 for section in "${SECTIONS[@]}"; do "$section"; done
