@@ -188,16 +188,24 @@ class Follow(StatisticsMethod):
        test-batch statistics (test-time BN); otherwise ``o_slow``.
 
     A stream starts not correlated (``quiet = hold``): a class-sorted stream raises the
-    alarm at its first batch that holds two runs.
-
-    Known failure: a stream that shows *one class only*, for ever, looks exactly like a domain
-    that pushes every image into one class (no run, no class switch, no change of mix), so
-    it gets test-time BN, which normalizes the class away (docs/RESULTS.md: 85.4 % error
-    against 42.6 % for the source model on the class-3 images of CIFAR-10-C; ``balanced_bn``
-    77.7 %; ``paths="slow"`` 72.7 %). Where that can happen, statistics methods are the wrong
-    tool: ``lame`` (26.8 % there) or ``source``. Ablations (``paths``): "slow" is
+    alarm at its first batch that holds two runs. Ablations (``paths``): "slow" is
     ``balanced_bn`` plus the prior correction on every batch; "fast" is test-time BN;
     ``prior_correction=False`` removes the output correction.
+
+    Known failures:
+
+    * batches that each hold one class, with the class runs aligned to the batches (CIFAR-10-C
+      sorted over all 10,000 images at batch 200): the run test has no order to see, the
+      homogeneity streak sees one shifted pair per run, and the class-switch rule needs two
+      consecutive batches whose class-balanced predictions are both concentrated, which the
+      hardest corruptions do not give; the stream then gets test-time BN on most batches
+      (docs/RESULTS.md has the figures).
+    * a stream that shows *one class only*, for ever, looks exactly like a domain that
+      pushes every image into one class (no run, no class switch, no change of mix), so it
+      gets test-time BN, which normalizes the class away (docs/RESULTS.md: 85.4 % error
+      against 42.6 % for the source model on the class-3 images of CIFAR-10-C;
+      ``balanced_bn`` 77.7 %; ``paths="slow"`` 72.7 %). Where that can happen, statistics
+      methods are the wrong tool: ``lame`` (26.8 % there) or ``source``.
 
     Models without BatchNorm layers (GroupNorm/LayerNorm): no statistics to replace; the
     method keeps the model's output and applies the detector and the prior correction to
