@@ -165,7 +165,7 @@ eval_vit() {
 
 select_one() {  # select_one <name> <methods> <dev folders> <eval folders>
   "$PY" -m benchmarks.select "methods=[$2]" "dev=$3" "eval=$4" out="$OUT/selected_$1" quiet=true \
-    "swept=[software.git_commit,software.git_dirty]" "ignore=[software.git_commit,software.git_dirty]"
+    "swept=[software.git_commit,software.git_dirty,metric.window]" "ignore=[software.git_commit,software.git_dirty]"
 }
 BN_DEV="[$OUT/dev/bn_iid_300,$OUT/dev/bn_sorted_300,$OUT/dev/bn_dirichlet0.1_300,$OUT/dev/bn_class_temporal_300,$OUT/dev/bn_sorted_batch16_300,$OUT/dev/bn_iid_batch16_300,$OUT/dev/bn_sorted_2000,$OUT/dev/bn_sorted_2000_batch200,$OUT/dev/digits]"
 BN_EVAL_SHORT="$OUT/eval/bn_iid_300,$OUT/eval/bn_sorted_300,$OUT/eval/bn_dirichlet0.01_300,$OUT/eval/bn_mixed_300,$OUT/eval/bn_severity3_300,$OUT/eval/bn_iid_batch16_300,$OUT/eval/bn_iid_2000,$OUT/eval/bn_sorted_2000,$OUT/eval/bn_imbalanced_2000,$OUT/eval/digits"
