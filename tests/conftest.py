@@ -121,3 +121,20 @@ def bn_net(width: int = 16, seed: int = 0) -> nn.Module:
                 module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.3)
                 module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
     return net.eval()
+
+
+def label_readout(num_classes: int = 4) -> nn.Module:
+    """BN over K channels, pooling, identity head: a sample's prediction is its channel with the
+    largest normalized mean, so a test chooses the labels a label-aware method sees."""
+    head = nn.Linear(num_classes, num_classes, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(num_classes))
+    return nn.Sequential(nn.BatchNorm2d(num_classes), nn.AdaptiveAvgPool2d(1), nn.Flatten(), head).eval()
+
+
+def labelled_batch(labels: list[int], num_classes: int = 4, seed: int = 0) -> torch.Tensor:
+    """Inputs for :func:`label_readout` that it predicts as ``labels``."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(labels), num_classes, 2, 2, generator=generator) * 0.1
+    x[torch.arange(len(labels)), torch.tensor(labels)] += 3.0
+    return x

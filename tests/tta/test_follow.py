@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import tta
-from tests.conftest import small_gn_cnn
+from tests.conftest import label_readout, labelled_batch, small_gn_cnn
 from tta.methods.follow import dominant_class, run_score, streamwise_prior_correction
 from tta.methods.gated_bn import label_counts
 from tta.methods.roid import prior_correction
@@ -59,20 +59,8 @@ def test_streamwise_prior_correction_is_roid_per_stream() -> None:
     torch.testing.assert_close(prior_correction(logits[None])[0], prior_correction(logits))
 
 
-def _readout(num_classes: int = 4) -> nn.Module:
-    """BN over K channels, pooling, identity head: a sample's prediction is its channel with
-    the largest normalized mean, so the tests choose the labels."""
-    head = nn.Linear(num_classes, num_classes, bias=False)
-    with torch.no_grad():
-        head.weight.copy_(torch.eye(num_classes))
-    return nn.Sequential(nn.BatchNorm2d(num_classes), nn.AdaptiveAvgPool2d(1), nn.Flatten(), head).eval()
-
-
-def _batch(labels: list[int], num_classes: int = 4, seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(len(labels), num_classes, 2, 2, generator=generator) * 0.1
-    x[torch.arange(len(labels)), torch.tensor(labels)] += 3.0
-    return x
+_readout = label_readout
+_batch = labelled_batch
 
 
 def _shuffled(labels: list[int], seed: int) -> list[int]:

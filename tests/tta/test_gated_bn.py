@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import tta
+from tests.conftest import label_readout, labelled_batch
 from tta.layers.gated_bn import GatedBatchNorm, sample_rate
 from tta.methods.gated_bn import gate_from_score, label_correlation, label_counts
 from tta.surgery import source_state
@@ -70,20 +71,8 @@ def test_gated_forward_without_robust_forward_is_an_error() -> None:
         layer(torch.randn(2, 1, 2, 2))
 
 
-def _readout(num_classes: int = 4) -> nn.Module:
-    """BN over K channels, pooling, identity head: the predicted class of a sample is its
-    channel with the largest normalized mean, so the tests choose the labels."""
-    head = nn.Linear(num_classes, num_classes, bias=False)
-    with torch.no_grad():
-        head.weight.copy_(torch.eye(num_classes))
-    return nn.Sequential(nn.BatchNorm2d(num_classes), nn.AdaptiveAvgPool2d(1), nn.Flatten(), head).eval()
-
-
-def _batch(labels: list[int], num_classes: int = 4, seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(len(labels), num_classes, 2, 2, generator=generator) * 0.1
-    x[torch.arange(len(labels)), torch.tensor(labels)] += 3.0
-    return x
+_readout = label_readout
+_batch = labelled_batch
 
 
 def _norm_output(x: torch.Tensor) -> torch.Tensor:
