@@ -99,6 +99,10 @@
 #   `norm` on the i.i.d. stream is rerun to check that). New: class-sorted at 10,000 per
 #   corruption, batch 200, seed 2 (FULL_SORTED_POOL), and the same at batch 100, seed 2
 #   (every batch one class, ten per class; FULL_SORTED_POOL).
+#   AMENDED at 11:27 UTC, after source's run on the first new stream and before any other
+#   result: both new evaluation streams draw their corruptions with stream.corruption_seed=2.
+#   The run seed only orders the images, so every stream above (the first selection's too)
+#   shares corruption seed 0 with its development twin; seed 2 makes these two new draws.
 # * Acceptance: the first selection's, plus on the two new streams: never more than 0.5
 #   points worse than source (required).
 set -euo pipefail
@@ -180,8 +184,8 @@ dev2() {
     stream.label_order=iid,dirichlet stream.delta=0.1
 }
 eval2() {
-  POOL=$FULL_SORTED_POOL bn eval/bn_sorted_full_batch200 experiment=cifar10c_continual seed=2 stream.label_order=sorted
-  POOL=$FULL_SORTED_POOL bn eval/bn_sorted_full_batch100 experiment=cifar10c_continual seed=2 stream.label_order=sorted stream.batch_size=100
+  POOL=$FULL_SORTED_POOL bn eval/bn_sorted_full_batch200 experiment=cifar10c_continual seed=2 stream.corruption_seed=2 stream.label_order=sorted
+  POOL=$FULL_SORTED_POOL bn eval/bn_sorted_full_batch100 experiment=cifar10c_continual seed=2 stream.corruption_seed=2 stream.label_order=sorted stream.batch_size=100
 }
 eval_demo() {
   "$PY" -m benchmarks.demo --methods source norm rbn balanced_bn lame tent follow auto > "$OUT/eval/demo.txt"
