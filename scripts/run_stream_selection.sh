@@ -103,6 +103,9 @@
 #   result: both new evaluation streams draw their corruptions with stream.corruption_seed=2.
 #   The run seed only orders the images, so every stream above (the first selection's too)
 #   shares corruption seed 0 with its development twin; seed 2 makes these two new draws.
+#   AMENDED at 11:37 UTC, before any replay on them: digits i.i.d. at batch 16 with seeds 2
+#   and 3 join the development streams (seed 0 shows no false alarm of the class-switch rule;
+#   the failure was seen on the evaluation seed 1, which stays evaluation only).
 # * Acceptance: the first selection's, plus on the two new streams: never more than 0.5
 #   points worse than source (required).
 set -euo pipefail
@@ -182,6 +185,7 @@ dev2() {
   POOL=follow bn dev/bn_sorted_full_batch200 experiment=cifar10c_continual seed=1 stream.label_order=sorted
   sweep dev/digits_batch16 experiment=digits_quick seed=0 stream.batch_size=16 method="$BATCH16_POOL" \
     stream.label_order=iid,dirichlet stream.delta=0.1
+  sweep dev/digits_batch16_seeds experiment=digits_quick seed=2,3 stream.batch_size=16 method="$BATCH16_POOL"
 }
 eval2() {
   POOL=$FULL_SORTED_POOL bn eval/bn_sorted_full_batch200 experiment=cifar10c_continual seed=2 stream.corruption_seed=2 stream.label_order=sorted
