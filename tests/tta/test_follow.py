@@ -107,6 +107,38 @@ def test_one_class_batches_raise_the_alarm_when_the_class_changes() -> None:
     assert not tta.adapt(_readout(), method="norm")(_batch([3] * 16, seed=2)).argmax(1).eq(3).all()
 
 
+def test_a_class_switch_needs_a_change_of_mix() -> None:
+    # a domain that pushes small batches into two classes: the dominant class alternates,
+    # the mix does not change (the first selection's false alarm on digits at batch 16)
+    adapted = tta.adapt(_readout(), method="follow")
+    mixes = [[0] * 9 + [1] * 7, [0] * 7 + [1] * 9] * 3
+    dominants = []
+    for seed, labels in enumerate(mixes):
+        y = torch.tensor([labels])
+        dominants.append(int(dominant_class(label_counts(y, 4), len(labels), 0.15)))
+        adapted(_batch(_shuffled(labels, seed), seed=seed))
+        assert not adapted.method.last_correlated.item()
+    assert dominants == [0, 1] * 3
+
+
+def test_one_class_batches_with_spread_predictions_raise_the_alarm() -> None:
+    # batches of one class that the slow path gets only 40 % right, the rest spread over
+    # eight classes: share of same-label pairs 0.18 (hard corruptions of CIFAR-10-C)
+    def batch(k: int, other: int, seed: int) -> torch.Tensor:
+        rest = [c for c in range(10) if c not in (k, other)]
+        return _batch(_shuffled([k] * 16 + rest * 3, seed), num_classes=10, seed=seed)
+
+    first_release = tta.adapt(_readout(10), method="follow", concentration=0.4, hold=2048)
+    adapted = tta.adapt(_readout(10), method="follow")
+    for method in (adapted, first_release):
+        method(batch(2, 5, 0))
+        method(batch(2, 5, 1))
+        assert not method.method.last_correlated.item()
+        method(batch(5, 2, 2))
+    assert adapted.method.last_correlated.item()
+    assert not first_release.method.last_correlated.item()
+
+
 def test_paths_ablations() -> None:
     x = _batch([0] * 8 + [1] * 8 + [2] * 8 + [3] * 8)
     fast = tta.adapt(_readout(), method="follow", paths="fast")(x)
@@ -191,8 +223,9 @@ def test_homogeneity_score_hand_computed() -> None:
 
 
 def test_label_shift_between_shuffled_batches_raises_the_alarm_after_a_streak() -> None:
-    adapted = tta.adapt(_readout(), method="follow", shift_batches=3)
-    # three classes per batch (no batch concentrated), the mix changing at every batch
+    # concentration 1: the class-switch rule, which also sees these batches, is off
+    adapted = tta.adapt(_readout(), method="follow", shift_batches=3, concentration=1.0)
+    # three classes per batch, the mix changing at every batch
     mixes = [[0] * 4 + [1] * 10 + [2] * 10, [3] * 10 + [0] * 10 + [1] * 4] * 2
     flags = []
     for seed, labels in enumerate(mixes):
