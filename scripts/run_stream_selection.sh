@@ -81,7 +81,7 @@
 # 40 % accuracy (impulse_noise), the walk needs two. The walk targets 0.6, about the source
 # model's mean accuracy at severity 5 (the CCC paper's targets are set for ImageNet models).
 #
-# SECOND SELECTION, DECLARED on 2026-12-07 at 11:20 UTC (this commit), before any run of it:
+# SECOND SELECTION, DECLARED on 2026-12-07 at 11:20 UTC (828127b), before any run of it:
 # it chooses a fix of `follow` for two failures found by the first selection (aligned
 # one-class batches: the full-length class-sorted stream at batch 200, 62.61 % against 40.43 %
 # for source; false alarms of the class-switch rule at batch 16 on digits).
@@ -99,14 +99,15 @@
 #   `norm` on the i.i.d. stream is rerun to check that). New: class-sorted at 10,000 per
 #   corruption, batch 200, seed 2 (FULL_SORTED_POOL), and the same at batch 100, seed 2
 #   (every batch one class, ten per class; FULL_SORTED_POOL).
-#   AMENDED at 11:27 UTC, after source's run on the first new stream and before any other
+#   AMENDED at 11:28 UTC (0579f04), after source's run on the first new stream and before any other
 #   result: both new evaluation streams draw their corruptions with stream.corruption_seed=2.
 #   The run seed only orders the images, so every stream above (the first selection's too)
 #   shares corruption seed 0 with its development twin; seed 2 makes these two new draws.
-#   AMENDED at 11:37 UTC, before any replay on them: digits i.i.d. at batch 16 with seeds 2
+#   AMENDED at 11:35 UTC (ae8fa1f), before any run or replay on them: digits i.i.d. at batch 16 with seeds 2
 #   and 3 join the development streams (seed 0 shows no false alarm of the class-switch rule;
 #   the failure was seen on the evaluation seed 1, which stays evaluation only).
-#   AMENDED at 12:00 UTC, after the replay grid on the development streams and before any
+#   AMENDED at 11:59 UTC (d213d57), after the replay grid (now python -m benchmarks.follow_replay) on the
+#   development streams and before any
 #   evaluation run of the fixed follow: the grid (a class switch also needs the homogeneity
 #   z between the two batches above switch_shift_z 3/5/8/12/20; concentration
 #   0.1/0.15/0.2/0.25/0.3/0.4; memory of the last concentrated class 0/512/1024/2048 samples;
@@ -231,6 +232,6 @@ select_gn() {  # GroupNorm and LayerNorm (ViT) models
 }
 
 SECTIONS=("$@")
-[ ${#SECTIONS[@]} -gt 0 ] || SECTIONS=(dev_bn dev_digits dev_gn dev_vit eval_bn eval_bn_2000 eval_bn_long eval_digits eval_demo eval_gn eval_vit select_bn select_gn)
+[ ${#SECTIONS[@]} -gt 0 ] || SECTIONS=(dev_bn dev_digits dev_gn dev_vit eval_bn eval_bn_2000 eval_bn_long eval_digits eval_demo eval_gn eval_vit select_bn select_gn dev2 eval2)
 mkdir -p "$OUT/eval"
 for section in "${SECTIONS[@]}"; do "$section"; done

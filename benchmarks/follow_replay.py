@@ -1,0 +1,132 @@
+"""Choose ``follow``'s detector settings by replay: record a stream once, score any settings in
+seconds.
+
+    python -m benchmarks.follow_replay record out.pt experiment=cifar10c_continual seed=1
+    python -m benchmarks.follow_replay replay out.pt [more.pt ...] --grid '[{}, {"hold": 2048}]'
+
+``follow``'s two paths do not depend on its detector: the class-balanced statistics update
+on every batch with the slow path's own labels, and the test-batch forward runs on every
+batch of at least ``min_batch_size``. So one run records, per batch, the slow prediction,
+the test-batch prediction and the true labels, and any detector setting is then scored by
+running the library's own detector (:meth:`tta.methods.follow.Follow._detect`) over the
+slow predictions and choosing the output as the method does. The two selections of
+docs/RESULTS.md chose ``follow``'s defaults this way; ``tests/benchmarks/test_follow_replay.py``
+checks that a replay equals the method's own output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import tta
+from tta.methods.follow import Follow, streamwise_prior_correction
+
+
+@dataclass
+class Recording:
+    """Per batch of one stream: ``slow`` and ``fast`` logits (``fast`` is ``None`` below
+    ``min_batch_size``) and the true ``labels``."""
+
+    slow: list[torch.Tensor]
+    fast: list[torch.Tensor | None]
+    labels: list[torch.Tensor]
+
+    def save(self, path: str | Path) -> None:
+        torch.save({"slow": self.slow, "fast": self.fast, "labels": self.labels}, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recording":
+        data = torch.load(path)
+        return cls(data["slow"], data["fast"], data["labels"])
+
+
+def record(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], **hparams: Any) -> Recording:
+    """Run ``follow`` on ``(images, labels)`` batches of one stream and record both paths."""
+    adapted = tta.adapt(model, "follow", **hparams)
+    outputs: list[torch.Tensor] = []
+    adapted.model.register_forward_hook(lambda _module, _inputs, out: outputs.append(out.detach().float()))
+    min_batch_size = adapted.method.hparams.min_batch_size
+    rec = Recording([], [], [])
+    with torch.no_grad():
+        for images, labels in batches:
+            outputs.clear()
+            adapted(images)
+            # forwards in step order: slow (frozen), update, then test-batch statistics
+            rec.slow.append(outputs[0].cpu())
+            rec.fast.append(outputs[2].cpu() if len(images) >= min_batch_size else None)
+            rec.labels.append(labels.cpu())
+    return rec
+
+
+def replay(rec: Recording, **hparams: Any) -> float:
+    """Online error (%) of ``follow`` with ``hparams`` on a recorded stream."""
+    num_classes = rec.slow[0].shape[1]
+    head = nn.Sequential(nn.Flatten(), nn.Linear(num_classes, num_classes))  # holds the detector state
+    method = tta.adapt(head, "follow", **hparams).method
+    assert isinstance(method, Follow)
+    hp = method.hparams
+    errors = total = 0
+    for slow, fast, labels in zip(rec.slow, rec.fast, rec.labels):
+        n = slow.shape[0]
+        correlated = bool(method._detect(slow, n, update=True)[0])
+        if n < hp.min_batch_size or fast is None:
+            out = slow
+        elif correlated:
+            out = streamwise_prior_correction(slow, 1) if hp.prior_correction else slow
+        else:
+            out = fast
+        errors += int((out.argmax(1) != labels).sum())
+        total += n
+    return 100.0 * errors / max(total, 1)
+
+
+def _record_command(out: str, overrides: Sequence[str]) -> None:
+    from hydra import compose, initialize_config_module
+
+    import benchmarks.app  # noqa: F401  (the config schema and resolvers)
+    from benchmarks.app.models import build_model
+    from benchmarks.app.spec import RunSpec
+    from benchmarks.streams import build_stream
+
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["method=follow", *overrides])
+    spec = RunSpec.from_config(cfg)
+    torch.set_num_threads(int(spec.runtime.num_threads or 1))
+    model = build_model(spec.model, num_classes=spec.num_classes, device=spec.device, progress=False)
+    stream = build_stream(spec.stream)
+    rec = record(model, ((b.images, b.labels) for b in stream), **dict(spec.method_spec.given))
+    rec.save(out)
+    print(f"{out}: {len(rec.labels)} batches, follow {replay(rec, **dict(spec.method_spec.given)):.2f} %")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    rec = sub.add_parser("record", help="run follow on one configured stream and record both paths")
+    rec.add_argument("out")
+    rec.add_argument("overrides", nargs="*", help="Hydra overrides of the benchmark app (stream, model, seed)")
+    rep = sub.add_parser("replay", help="error of follow on recorded streams, for each setting of a grid")
+    rep.add_argument("recordings", nargs="+")
+    rep.add_argument("--grid", default="[{}]", help='JSON list of hyperparameter dicts (default: "[{}]", the defaults)')
+    args = parser.parse_args(argv)
+    if args.command == "record":
+        _record_command(args.out, args.overrides)
+        return
+    recordings = {Path(p).stem: Recording.load(p) for p in args.recordings}
+    print("| setting | " + " | ".join(recordings) + " |")
+    print("|---|" + "---|" * len(recordings))
+    for setting in json.loads(args.grid):
+        errors = [f"{replay(r, **setting):.2f}" for r in recordings.values()]
+        print(f"| {json.dumps(setting)} | " + " | ".join(errors) + " |")
+
+
+if __name__ == "__main__":
+    main()

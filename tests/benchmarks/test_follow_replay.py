@@ -1,0 +1,51 @@
+"""The replay that chose follow's defaults equals the method: record once with the defaults,
+replay any detector setting, and get the error of a live run with that setting."""
+
+from __future__ import annotations
+
+import torch
+
+import tta
+from benchmarks.follow_replay import Recording, record, replay
+from tests.conftest import label_readout, labelled_batch
+
+
+def _stream() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    label_sets = [torch.randint(0, 4, (32,), generator=generator) for _ in range(4)]  # i.i.d.
+    label_sets += [torch.tensor([c] * 16) for c in (0, 0, 2, 2, 1, 3)]  # one class per batch
+    label_sets += [torch.sort(torch.randint(0, 4, (32,), generator=generator)).values for _ in range(3)]  # runs
+    label_sets += [torch.randint(0, 4, (8,), generator=generator)]  # below min_batch_size
+    batches = []
+    for seed, labels in enumerate(label_sets):
+        images = labelled_batch(labels.tolist(), seed=seed)
+        # a fifth of the samples predicted wrong, so that errors differ between paths
+        images[::5] = labelled_batch(((labels[::5] + 1) % 4).tolist(), seed=seed + 100)
+        batches.append((images, labels))
+    return batches
+
+
+def _live_error(batches: list[tuple[torch.Tensor, torch.Tensor]], **hparams: object) -> float:
+    adapted = tta.adapt(label_readout(), "follow", **hparams)
+    errors = total = 0
+    with torch.no_grad():
+        for images, labels in batches:
+            errors += int((adapted(images).argmax(1) != labels).sum())
+            total += len(labels)
+    return 100.0 * errors / total
+
+
+def test_replay_equals_live_runs_of_any_detector_setting(tmp_path) -> None:
+    batches = _stream()
+    rec = record(label_readout(), batches)
+    rec.save(tmp_path / "rec.pt")
+    rec = Recording.load(tmp_path / "rec.pt")
+    assert rec.fast[-1] is None and rec.fast[0] is not None
+    settings = [{}, {"hold": 16}, {"concentration": 1.0}, {"switch_shift_z": 50.0, "hold": 32}, {"paths": "fast"},
+                {"paths": "slow"}, {"prior_correction": False, "hold": 48}]
+    errors = []
+    for setting in settings:
+        replayed = replay(rec, **setting)
+        assert abs(replayed - _live_error(batches, **setting)) < 1e-9, setting
+        errors.append(replayed)
+    assert len(set(errors)) >= 3  # the settings make a difference on this stream
