@@ -208,12 +208,14 @@ class Follow(StatisticsMethod):
     ``concentration`` from 0.4 to 0.15 and raised ``hold`` from 2048 to 4096 (one-class
     batches aligned to the class runs, CIFAR-10-C sorted over all 10,000 images at batch
     200, went undetected: 62.6 % error against 40.4 % for the source model; 23.0 % now,
-    where ``lame``'s output correction reaches 15.8 %).
+    ``lame`` 15.8 %).
 
     Known failures:
 
-    * batches that each hold one class: detected, but the prior correction of the output
-      stays 6 to 7 points behind ``lame``'s (docs/RESULTS.md: 22.4 % against 16.2 %).
+    * class-sorted streams whose every batch holds one class (long class runs): detected,
+      but 6 to 12 points behind ``lame`` (docs/RESULTS.md: 22.4 % against 16.2 % at batch
+      200, 28.8 % against 17.0 % at batch 100; the same kind of batches in random class
+      order: 4.8 % against 20.1 %).
     * a stream that shows *one class only*, for ever, looks exactly like a domain that
       pushes every image into one class (no run, no class switch, no change of mix), so it
       gets test-time BN, which normalizes the class away (docs/RESULTS.md: 85.4 % error
