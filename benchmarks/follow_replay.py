@@ -9,7 +9,7 @@ on every batch with the slow path's own labels, and the test-batch forward runs 
 batch of at least ``min_batch_size``. So one run records, per batch, the slow prediction,
 the test-batch prediction and the true labels, and any detector setting is then scored by
 running the library's own detector (:meth:`tta.methods.follow.Follow._detect`) over the
-slow predictions and choosing the output as the method does. The two selections of
+slow predictions and choosing the output with the method's own :func:`~tta.methods.follow.choose_output`. The two selections of
 docs/RESULTS.md chose ``follow``'s defaults this way; ``tests/benchmarks/test_follow_replay.py``
 checks that a replay equals the method's own output.
 """
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import tta
-from tta.methods.follow import Follow, streamwise_prior_correction
+from tta.methods.follow import Follow, choose_output
 
 
 @dataclass
@@ -76,13 +76,8 @@ def replay(rec: Recording, **hparams: Any) -> float:
     errors = total = 0
     for slow, fast, labels in zip(rec.slow, rec.fast, rec.labels):
         n = slow.shape[0]
-        correlated = bool(method._detect(slow, n, update=True)[0])
-        if n < hp.min_batch_size or fast is None:
-            out = slow
-        elif correlated:
-            out = streamwise_prior_correction(slow, 1) if hp.prior_correction else slow
-        else:
-            out = fast
+        correlated = method._detect(slow, n, update=True)
+        out = choose_output(slow, fast, correlated, hp.prior_correction and n >= hp.min_batch_size, 1)
         errors += int((out.argmax(1) != labels).sum())
         total += n
     return 100.0 * errors / max(total, 1)

@@ -146,6 +146,20 @@ def streamwise_prior_correction(logits: torch.Tensor, num_streams: int) -> torch
     return prior_correction(logits.reshape(num_streams, n, -1)).reshape(logits.shape)
 
 
+def choose_output(
+    slow: torch.Tensor, fast: torch.Tensor | None, correlated: torch.Tensor, prior_correction: bool, num_streams: int
+) -> torch.Tensor:
+    """``follow``'s returned prediction, per stream: where ``correlated``, the slow prediction
+    (prior-corrected if ``prior_correction``); elsewhere the test-batch one, ``fast`` (the slow
+    one where there is none)."""
+    n = slow.shape[0] // num_streams
+    where = correlated.repeat_interleave(n)[:, None]
+    out = slow if fast is None else torch.where(where, slow, fast)
+    if prior_correction:
+        out = torch.where(where, streamwise_prior_correction(slow, num_streams), out)
+    return out
+
+
 @register_method
 class Follow(StatisticsMethod):
     """Test-time BN where the stream is i.i.d.; class-balanced statistics and a prior
@@ -312,7 +326,7 @@ class Follow(StatisticsMethod):
                 finally:
                     for layer in layers:
                         layer.labels = None
-            out = slow
+            fast = None
             if layers and n >= hp.min_batch_size:  # always, so that no step waits for the device
                 try:
                     for layer in layers:
@@ -321,11 +335,8 @@ class Follow(StatisticsMethod):
                 finally:
                     for layer in layers:
                         layer.batch_stats = False
-                out = torch.where(correlated.repeat_interleave(n)[:, None], out, fast)
-            if hp.prior_correction and n >= hp.min_batch_size:
-                corrected = streamwise_prior_correction(slow, self.num_streams)
-                out = torch.where(correlated.repeat_interleave(n)[:, None], corrected, out)
-            return out
+            correct = hp.prior_correction and n >= hp.min_batch_size
+            return choose_output(slow, fast, correlated, correct, self.num_streams)
 
     def step(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return self._predict(model, x, update=True)
