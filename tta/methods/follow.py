@@ -230,6 +230,12 @@ class Follow(StatisticsMethod):
       but 6 to 12 points behind ``lame`` (docs/RESULTS.md: 22.4 % against 16.2 % at batch
       200, 28.8 % against 17.0 % at batch 100; the same kind of batches in random class
       order: 4.8 % against 20.1 %).
+    * domain changes on correlated streams: the class-balanced statistics carry the last
+      domain into the next one, and a class absent from the batch updates nothing. The cost
+      is 4.8 points on a recurring development stream: 32.0 % against 27.2 % when an oracle
+      resets the method at every domain change (docs/RESULTS.md). The same cost explains
+      the recurring stream's first-visit advantage: only the first visit starts from the
+      source statistics.
     * a stream that shows *one class only*, for ever, looks exactly like a domain that
       pushes every image into one class (no run, no class switch, no change of mix), so it
       gets test-time BN, which normalizes the class away (docs/RESULTS.md: 85.4 % error
