@@ -235,7 +235,8 @@ class Follow(StatisticsMethod):
       is 4.8 points on a recurring development stream: 32.0 % against 27.2 % when an oracle
       resets the method at every domain change (docs/RESULTS.md). The same cost explains
       the recurring stream's first-visit advantage: only the first visit starts from the
-      source statistics.
+      source statistics. A reset is not a free fix: on long class runs the same oracle
+      costs 7.5 points (30.0 % against 22.5 %).
     * a stream that shows *one class only*, for ever, looks exactly like a domain that
       pushes every image into one class (no run, no class switch, no change of mix), so it
       gets test-time BN, which normalizes the class away (docs/RESULTS.md: 85.4 % error
