@@ -3,6 +3,7 @@ seconds.
 
     python -m benchmarks.follow_replay record out.pt experiment=cifar10c_continual seed=1
     python -m benchmarks.follow_replay replay out.pt [more.pt ...] --grid '[{}, {"hold": 2048}]'
+    python -m benchmarks.follow_replay signal experiment=cifar10c_continual seed=1 --thresholds 0.3,0.4
 
 ``follow``'s two paths do not depend on its detector: the class-balanced statistics update
 on every batch with the slow path's own labels, and the test-batch forward runs on every
@@ -27,7 +28,8 @@ import torch
 from torch import nn
 
 import tta
-from tta.methods.follow import Follow, choose_output
+from tta.methods.follow import Follow, choose_output, input_signature, signature_change
+from tta.surgery import find_norm_layers
 
 
 @dataclass
@@ -83,7 +85,50 @@ def replay(rec: Recording, **hparams: Any) -> float:
     return 100.0 * errors / max(total, 1)
 
 
-def _record_command(out: str, overrides: Sequence[str]) -> None:
+class _Captured(Exception):
+    """Stops a forward once the watched layer's input is captured."""
+
+
+def restart_signal(model: nn.Module, batches: Iterable[torch.Tensor], min_batch_size: int = 16) -> list[float | None]:
+    """Per batch, the change of ``follow``'s restart signal (:func:`tta.methods.follow.signature_change`
+    of the first BatchNorm layer's input against the previous batch of at least
+    ``min_batch_size``; ``None`` where there is none or the batch is smaller). ``follow``
+    with ``restart_shift=t`` restarts exactly at the batches whose change exceeds ``t``: the
+    signal depends on the images alone (the layers before the first BatchNorm do not adapt),
+    so the source model gives it, one partial forward per batch."""
+    norms = find_norm_layers(model)
+    if not norms:
+        raise ValueError("the model has no BatchNorm layer: follow has nothing to restart")
+    captured: list[torch.Tensor] = []
+
+    def capture(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        captured.append(inputs[0])
+        raise _Captured
+
+    handle = norms[0][1].register_forward_pre_hook(capture)
+    changes: list[float | None] = []
+    previous: torch.Tensor | None = None
+    try:
+        model.eval()
+        with torch.no_grad():
+            for images in batches:
+                captured.clear()
+                try:
+                    model(images)
+                except _Captured:
+                    pass
+                signature = input_signature(captured[0], 1)
+                if len(images) < min_batch_size:
+                    changes.append(None)
+                    continue
+                changes.append(None if previous is None else float(signature_change(signature, previous)[0]))
+                previous = signature
+    finally:
+        handle.remove()
+    return changes
+
+
+def _configured(overrides: Sequence[str]) -> tuple[Any, nn.Module, Any]:
     from hydra import compose, initialize_config_module
 
     import benchmarks.app  # noqa: F401  (the config schema and resolvers)
@@ -96,7 +141,34 @@ def _record_command(out: str, overrides: Sequence[str]) -> None:
     spec = RunSpec.from_config(cfg)
     torch.set_num_threads(int(spec.runtime.num_threads or 1))
     model = build_model(spec.model, num_classes=spec.num_classes, device=spec.device, progress=False)
-    stream = build_stream(spec.stream)
+    return spec, model, build_stream(spec.stream)
+
+
+def _signal_command(overrides: Sequence[str], thresholds: Sequence[float], out: str | None) -> None:
+    spec, model, stream = _configured(overrides)
+    segments: list[int] = []
+
+    def images() -> Iterable[torch.Tensor]:
+        for batch in stream:
+            segments.append(int(batch.segment))
+            yield batch.images
+
+    min_batch_size = int(spec.method_spec.given.get("min_batch_size", 16))
+    changes = restart_signal(model, images(), min_batch_size)
+    shifted = [i > 0 and segments[i] != segments[i - 1] for i in range(len(segments))]
+    print(f"{len(changes)} batches, {sum(shifted)} domain changes")
+    print("| restart_shift | restarts | at a domain change | elsewhere |")
+    print("|---|---|---|---|")
+    for threshold in thresholds:
+        fired = [c is not None and c > threshold for c in changes]
+        at_change = sum(f and s for f, s in zip(fired, shifted))
+        print(f"| {threshold} | {sum(fired)} | {at_change} | {sum(fired) - at_change} |")
+    if out:
+        Path(out).write_text(json.dumps({"overrides": list(overrides), "change": changes, "segment": segments}))
+
+
+def _record_command(out: str, overrides: Sequence[str]) -> None:
+    spec, model, stream = _configured(overrides)
     rec = record(model, ((b.images, b.labels) for b in stream), **dict(spec.method_spec.given))
     rec.save(out)
     print(f"{out}: {len(rec.labels)} batches, follow {replay(rec, **dict(spec.method_spec.given)):.2f} %")
@@ -108,12 +180,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     rec = sub.add_parser("record", help="run follow on one configured stream and record both paths")
     rec.add_argument("out")
     rec.add_argument("overrides", nargs="*", help="Hydra overrides of the benchmark app (stream, model, seed)")
+    sig = sub.add_parser("signal", help="where follow's restart would fire on one configured stream, per restart_shift")
+    sig.add_argument("overrides", nargs="*", help="Hydra overrides of the benchmark app (stream, model, seed)")
+    sig.add_argument("--thresholds", default="0.3,0.4,0.5,0.6", help="comma-separated restart_shift values")
+    sig.add_argument("--out", default=None, help="also write the per-batch signal as JSON here")
     rep = sub.add_parser("replay", help="error of follow on recorded streams, for each setting of a grid")
     rep.add_argument("recordings", nargs="+")
     rep.add_argument("--grid", default="[{}]", help='JSON list of hyperparameter dicts (default: "[{}]", the defaults)')
     args = parser.parse_args(argv)
     if args.command == "record":
         _record_command(args.out, args.overrides)
+        return
+    if args.command == "signal":
+        _signal_command(args.overrides, [float(t) for t in args.thresholds.split(",")], args.out)
         return
     recordings = {Path(p).stem: Recording.load(p) for p in args.recordings}
     print("| setting | " + " | ".join(recordings) + " |")

@@ -121,6 +121,31 @@
 #   and 1.43 on these streams).
 # * Acceptance: the first selection's, plus on the two new streams: never more than 0.5
 #   points worse than source (required).
+#
+# THIRD SELECTION, DECLARED on 2026-12-07 at 17:41 UTC, before any evaluation run of it: it
+# chooses `follow`'s restart_shift (a restart of its class-balanced statistics from the
+# source statistics when the log variance per channel of the first BN layer's input jumps
+# between consecutive batches: a label-free signal of a domain change), for the one required
+# criterion still missed (recurring stream: last visit 1.74 points above the first, 1 allowed),
+# diagnosed on development streams only (docs/RESULTS.md, "Where the recurring stream's
+# first-visit advantage comes from"). Two probes of the mechanism (a script, thresholds 0.3
+# and 0.4) ran on the two new development streams below before this declaration.
+# * Development streams (they choose): the second selection's, plus the two on which the
+#   diagnosis was made: PeTTA's recurring order at 334 per corruption, 5 visits, batch 64,
+#   seed 1, corruption seed 1 (25,050 images); and class-sorted, batch 200, seed 1, all
+#   10,000 images of defocus_blur, gaussian_noise, shot_noise, contrast (every batch one
+#   class; 40,000 images). Grid: restart_shift off, 0.3, 0.4, 0.5, 0.6. The signal depends
+#   on the images alone, so where a value never fires on a stream (computed exactly from
+#   the recorded signal, `python -m benchmarks.follow_replay signal`) its run equals the run
+#   without restarts and is not repeated.
+# * Criterion: the second selection's (at most 0.5 points above source on every development
+#   stream; then a largest regret within 0.5 points of the smallest, then the smallest mean
+#   regret), and feasible only if the recurring development stream's last visit is at most 1
+#   point above its first.
+# * Evaluation streams (they only score): every evaluation stream of the second selection
+#   (BN, digits, demo; the GN and ViT models have no BN layer to restart and their runs are
+#   unchanged), on which only the chosen `follow` runs (folder eval3/); the other methods'
+#   errors are those of the first two selections. Acceptance: as before.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -203,6 +228,50 @@ dev2() {
 eval2() {
   POOL=$FULL_SORTED_POOL bn eval/bn_sorted_full_batch200 experiment=cifar10c_continual seed=2 stream.corruption_seed=2 stream.label_order=sorted
   POOL=$FULL_SORTED_POOL bn eval/bn_sorted_full_batch100 experiment=cifar10c_continual seed=2 stream.corruption_seed=2 stream.label_order=sorted stream.batch_size=100
+}
+# -- third selection: follow's restart_shift ----------------------------------------------
+RESTART_GRID=${RESTART_GRID:-0.3,0.4,0.5,0.6}
+dev3() {
+  local grid=("+method.hparams.restart_shift=$RESTART_GRID")
+  sweep dev3/bn_recurring_5 model=cifar10_resnet26 experiment=cifar10c_continual stream=recurring stream.batch_size=64 \
+    seed=1 stream.corruption_seed=1 stream.n_examples=334 stream.recurrences=5 method=source,norm,balanced_bn,follow
+  sweep dev3/bn_recurring_5 model=cifar10_resnet26 experiment=cifar10c_continual stream=recurring stream.batch_size=64 \
+    seed=1 stream.corruption_seed=1 stream.n_examples=334 stream.recurrences=5 method=follow "${grid[@]}"
+  sweep dev3/bn_one_class_4 model=cifar10_resnet26 experiment=cifar10c_continual seed=1 stream.label_order=sorted \
+    'stream.domains=[defocus_blur,gaussian_noise,shot_noise,contrast]' method=source,lame,balanced_bn,follow
+  sweep dev3/bn_one_class_4 model=cifar10_resnet26 experiment=cifar10c_continual seed=1 stream.label_order=sorted \
+    'stream.domains=[defocus_blur,gaussian_noise,shot_noise,contrast]' method=follow "${grid[@]}"
+  # the second selection's development streams, follow with each restart_shift
+  POOL=follow bn dev3/bn_iid_300 "${C[@]}" seed=1 "${grid[@]}"
+  POOL=follow bn dev3/bn_sorted_300 "${C[@]}" seed=1 stream.label_order=sorted "${grid[@]}"
+  POOL=follow bn dev3/bn_dirichlet0.1_300 "${C[@]}" seed=1 stream.label_order=dirichlet stream.delta=0.1 "${grid[@]}"
+  POOL=follow bn dev3/bn_class_temporal_300 "${C[@]}" seed=1 stream.label_order=class_temporal stream.delta=0.1 "${grid[@]}"
+  POOL=follow bn dev3/bn_sorted_batch16_300 "${C[@]}" seed=1 stream.label_order=sorted stream.batch_size=16 "${grid[@]}"
+  POOL=follow bn dev3/bn_iid_batch16_300 "${C[@]}" seed=1 stream.batch_size=16 "${grid[@]}"
+  POOL=follow bn dev3/bn_sorted_2000 "${C[@]}" seed=1 stream.label_order=sorted stream.n_examples=2000 "${grid[@]}"
+  POOL=follow bn dev3/bn_sorted_2000_batch200 "${C[@]}" seed=1 stream.label_order=sorted stream.n_examples=2000 stream.batch_size=200 "${grid[@]}"
+  POOL=follow bn dev3/bn_sorted_full_batch200 experiment=cifar10c_continual seed=1 stream.label_order=sorted "${grid[@]}"
+  sweep dev3/digits experiment=digits_quick method=follow seed=0 stream.batch_size=64 stream.label_order=iid,sorted "${grid[@]}"
+  sweep dev3/digits_batch16 experiment=digits_quick method=follow seed=0 stream.batch_size=16 stream.label_order=iid,dirichlet \
+    stream.delta=0.1 "${grid[@]}"
+  sweep dev3/digits_batch16_seeds experiment=digits_quick method=follow seed=2,3 stream.batch_size=16 "${grid[@]}"
+}
+eval3() {  # the chosen follow (restart_shift=$RESTART) on every BN and digits evaluation stream
+  local one=("+method.hparams.restart_shift=${RESTART:?set RESTART to the chosen restart_shift}")
+  POOL=follow bn eval3/bn_recurring_100k experiment=cifar10c_continual stream=recurring stream.batch_size=64 seed=2 stream.n_examples=334 "${one[@]}"
+  POOL=follow bn eval3/bn_iid_300 "${C[@]}" seed=2 "${one[@]}"
+  POOL=follow bn eval3/bn_sorted_300 "${C[@]}" seed=2 stream.label_order=sorted "${one[@]}"
+  POOL=follow bn eval3/bn_dirichlet0.01_300 "${C[@]}" seed=2 stream.label_order=dirichlet stream.delta=0.01 "${one[@]}"
+  POOL=follow bn eval3/bn_mixed_300 experiment=cifar10c_mixed stream.batch_size=64 stream.n_examples=300 seed=2 "${one[@]}"
+  POOL=follow bn eval3/bn_severity3_300 "${C[@]}" seed=2 'stream.severities=[3]' "${one[@]}"
+  POOL=follow bn eval3/bn_iid_batch16_300 "${C[@]}" seed=2 stream.batch_size=16 "${one[@]}"
+  POOL=follow bn eval3/bn_iid_2000 "${C[@]}" seed=2 stream.n_examples=2000 "${one[@]}"
+  POOL=follow bn eval3/bn_sorted_2000 "${C[@]}" seed=2 stream.n_examples=2000 stream.label_order=sorted "${one[@]}"
+  POOL=follow bn eval3/bn_imbalanced_2000 "${C[@]}" stream=imbalanced seed=2 stream.n_examples=2000 "${one[@]}"
+  POOL=follow bn eval3/bn_ccc_25k experiment=cifar10c_continual stream=ccc stream.batch_size=64 stream.walk_steps=25 stream.walk_target=0.6 seed=2 "${one[@]}"
+  sweep eval3/digits experiment=digits_quick method=follow seed=1 stream.batch_size=16 stream.label_order=iid,dirichlet stream.delta=0.1 "${one[@]}"
+  POOL=follow bn eval3/bn_sorted_full_batch200 experiment=cifar10c_continual seed=2 stream.corruption_seed=2 stream.label_order=sorted "${one[@]}"
+  POOL=follow bn eval3/bn_sorted_full_batch100 experiment=cifar10c_continual seed=2 stream.corruption_seed=2 stream.label_order=sorted stream.batch_size=100 "${one[@]}"
 }
 eval_demo() {
   "$PY" -m benchmarks.demo --methods source norm rbn balanced_bn lame tent follow auto > "$OUT/eval/demo.txt"

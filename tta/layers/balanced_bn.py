@@ -83,23 +83,30 @@ class BalancedBatchNorm(AdaptiveNorm):
         if labels is not None:
             mean, var = self._labelled_update(x, labels)
         elif self.frozen:
-            mean, var = self.global_mean, self.global_var
+            _, _, mean, var = self.stored_state()
         else:
+            _, _, global_mean, global_var = self.stored_state()
             batch_mean, batch_var = stream_stats(x, self.num_streams)
-            mean = torch.lerp(self.global_mean, batch_mean, self.eta)
-            var = torch.lerp(self.global_var, batch_var, self.eta)
+            mean = torch.lerp(global_mean, batch_mean, self.eta)
+            var = torch.lerp(global_var, batch_var, self.eta)
             self.propose_update(global_mean=mean, global_var=var)
         return normalize(x, mean, var, self.weight, self.bias, self.eps)
+
+    def stored_state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The statistics a forward starts from: ``(local_mean, local_var, global_mean,
+        global_var)``, the stored buffers (a subclass may start some streams elsewhere)."""
+        return self.local_mean, self.local_var, self.global_mean, self.global_var
 
     def _labelled_update(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if labels.shape != (x.shape[0],):
             raise ValueError(f"labels must have shape ({x.shape[0]},), got {tuple(labels.shape)}")
-        s, k, c = self.local_mean.shape
+        stored_mean, stored_var, _, _ = self.stored_state()
+        s, k, c = stored_mean.shape
         per_stream = x.shape[0] // s
         stream = torch.arange(s, device=x.device).repeat_interleave(per_stream)
         index = stream * k + labels.to(x.device).long()  # (N,) row of the flattened (S*K) state
-        local_mean = self.local_mean.reshape(s * k, c)
-        local_var = self.local_var.reshape(s * k, c)
+        local_mean = stored_mean.reshape(s * k, c)
+        local_var = stored_var.reshape(s * k, c)
         centre = local_mean[index]  # (N, C): each sample's class mean
         if x.dim() > 2 and not (torch.is_grad_enabled() and x.requires_grad):
             sample_mean, sample_var = instance_stats(x)  # (N, C) float32, fused row moments

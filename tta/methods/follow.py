@@ -11,6 +11,7 @@ from torch import nn
 from tta.hyperparams import hparam
 from tta.layers.base import AdaptiveNorm, SourceNormState
 from tta.layers.follow_bn import FollowBatchNorm
+from tta.layers.stats import stream_stats
 from tta.methods.balanced_bn import check_class_output, frozen_layers, infer_num_classes
 from tta.methods.gated_bn import label_counts
 from tta.methods.roid import prior_correction
@@ -55,6 +56,12 @@ class FollowHparams:
     #: detector says (the test statistics of a few samples are too noisy) and are not
     #: corrected (a prior needs a batch)
     min_batch_size: int = hparam(16, low=2)
+    #: restart of the class-balanced statistics at a domain change: a stream starts its step
+    #: from the source statistics when the log variance per channel of the first BatchNorm
+    #: layer's input differs from the previous batch's by more than this on average (a
+    #: signal of the images alone: no label, no adapted statistic reaches that input).
+    #: None: never (third selection, docs/RESULTS.md)
+    restart_shift: float | None = hparam(None, low=0.0, low_open=True)
     #: prior correction of the output while the stream counts as label-correlated
     prior_correction: bool = True
     #: ablation: "detect" (the detector chooses per batch), "slow" (class-balanced
@@ -137,6 +144,19 @@ def dominant_class(counts: torch.Tensor, n: int, concentration: float) -> torch.
         return torch.full((counts.shape[0],), -1, dtype=torch.long, device=counts.device)
     same_pairs = (counts * (counts - 1)).sum(1) / (n * (n - 1))
     return torch.where(same_pairs >= concentration, counts.argmax(1), -1)
+
+
+def input_signature(first_input: torch.Tensor, num_streams: int) -> torch.Tensor:
+    """Per stream, the log of the biased variance per channel of a layer's input ``(S*n, C,
+    ...)``: ``(S, C)`` float32. Of the first BatchNorm layer's input it depends on the images
+    and the layers before it alone."""
+    _, var = stream_stats(first_input.detach(), num_streams)
+    return var.clamp_min(1e-12).log()
+
+
+def signature_change(signature: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """Per stream, the mean over channels of ``|signature - previous|``: ``(S,)``."""
+    return (signature - previous).abs().mean(1)
 
 
 def streamwise_prior_correction(logits: torch.Tensor, num_streams: int) -> torch.Tensor:
@@ -268,9 +288,15 @@ class Follow(StatisticsMethod):
     previous_counts = state(lambda m: torch.zeros(0))
     #: consecutive label-shifted batch pairs so far, (S,) float32
     shift_streak = state(lambda m: torch.zeros(0))
-    monitoring = ("last_correlated", "last_score")
+    #: log variance per channel of the first BatchNorm layer's input on the last batch of at
+    #: least ``min_batch_size`` samples, (S, C) float32; ``signature_seen`` (S,) bool: whether
+    #: there was one
+    previous_signature = state(lambda m: torch.zeros(0))
+    signature_seen = state(lambda m: torch.zeros(0, dtype=torch.bool))
+    monitoring = ("last_correlated", "last_score", "last_restart")
     last_correlated: torch.Tensor | None = None
     last_score: torch.Tensor | None = None
+    last_restart: torch.Tensor | None = None
 
     def convert(self, model: nn.Module) -> nn.Module:
         self._num_classes = self.hparams.num_classes or infer_num_classes(model, self.name)
@@ -281,6 +307,10 @@ class Follow(StatisticsMethod):
         self.previous_dominant = torch.full((self.num_streams,), -1, dtype=torch.long, device=device)
         self.previous_counts = torch.zeros(self.num_streams, self._num_classes, device=device)
         self.shift_streak = torch.zeros(self.num_streams, device=device)
+        layers = self.layers(model)
+        width = layers[0].num_features if layers else 0
+        self.previous_signature = torch.zeros(self.num_streams, width, device=device)
+        self.signature_seen = torch.zeros(self.num_streams, dtype=torch.bool, device=device)
         return model
 
     def build_layer(self, name: str, source: SourceNormState) -> AdaptiveNorm:
@@ -315,9 +345,43 @@ class Follow(StatisticsMethod):
             self.last_correlated, self.last_score = correlated, score
         return correlated
 
+    def _restart(self, first_input: torch.Tensor, layers: list[FollowBatchNorm], shift: float, update: bool) -> None:
+        """Set ``restart`` on every layer: the streams whose first-layer input changed its log
+        variance per channel by more than ``shift`` on average since the previous
+        batch (and record this batch's, if ``update``). No host synchronisation."""
+        hp = self.hparams
+        n = first_input.shape[0] // self.num_streams
+        signature = input_signature(first_input, self.num_streams)
+        seen = self.signature_seen.to(signature.device) & (n >= hp.min_batch_size)
+        restart = seen & (signature_change(signature, self.previous_signature.to(signature.device)) > shift)
+        for layer in layers:
+            layer.restart = restart
+        if update:
+            self.last_restart = restart
+            if n >= hp.min_batch_size:
+                self.previous_signature = signature
+                self.signature_seen = torch.ones_like(self.signature_seen)
+
     def _predict(self, model: nn.Module, x: torch.Tensor, update: bool) -> torch.Tensor:
         hp = self.hparams
         layers = self.layers(model)
+        try:
+            shift = hp.restart_shift
+            if layers and shift is not None:
+                first = layers[0]
+
+                def watch(first_input: torch.Tensor) -> None:
+                    first.watch = None
+                    self._restart(first_input, layers, shift, update)
+
+                first.watch = watch
+            return self._forwards(model, x, layers, update)
+        finally:
+            for layer in layers:
+                layer.watch, layer.restart = None, None
+
+    def _forwards(self, model: nn.Module, x: torch.Tensor, layers: list[FollowBatchNorm], update: bool) -> torch.Tensor:
+        hp = self.hparams
         with torch.no_grad():
             with frozen_layers(layers):
                 slow = model(x)
