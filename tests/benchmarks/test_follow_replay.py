@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 import tta
-from benchmarks.follow_replay import Recording, record, replay
+from benchmarks.follow_replay import Recording, record, replay, restart_signal
 from tests.conftest import label_readout, labelled_batch
 
 
@@ -49,3 +49,21 @@ def test_replay_equals_live_runs_of_any_detector_setting(tmp_path) -> None:
         assert abs(replayed - _live_error(batches, **setting)) < 1e-9, setting
         errors.append(replayed)
     assert len(set(errors)) >= 3  # the settings make a difference on this stream
+
+
+def test_restart_signal_fires_where_the_method_restarts() -> None:
+    labels = [0] * 8 + [1] * 8 + [2] * 8 + [3] * 8
+    scales = [1.0, 1.0, 4.0, 4.0, 1.5, 0.5, 0.5, 3.0]
+    batches = [labelled_batch(labels, seed=i) * s for i, s in enumerate(scales)]
+    batches.insert(3, labelled_batch([0, 1, 2, 3], seed=50) * 9.0)  # below min_batch_size
+    changes = restart_signal(label_readout(), batches)
+    assert changes[0] is None and changes[3] is None
+    for shift in (0.3, 1.0, 2.0):
+        adapted = tta.adapt(label_readout(), "follow", restart_shift=shift)
+        fired = []
+        with torch.no_grad():
+            for images in batches:
+                adapted(images)
+                fired.append(bool(adapted.method.last_restart.item()))
+        assert fired == [c is not None and c > shift for c in changes], shift
+    assert 0 < sum(c is not None and c > 1.0 for c in changes) < len(batches) - 2

@@ -1,0 +1,140 @@
+"""follow's restart at a domain change (``restart_shift``): the signal is the first BatchNorm
+layer's input alone, a restart is exactly a fresh start from the source statistics, and it is
+per stream, guarded, and invisible to ``predict``."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import tta
+from tests.conftest import label_readout, labelled_batch
+from tta.layers.follow_bn import FollowBatchNorm
+from tta.methods.follow import input_signature, signature_change
+
+SORTED = [0] * 8 + [1] * 8 + [2] * 8 + [3] * 8
+
+
+def _buffers(adapted: tta.Adapted) -> dict[str, torch.Tensor]:
+    layer = next(m for m in adapted.model.modules() if isinstance(m, FollowBatchNorm))
+    return {name: getattr(layer, name).clone() for name in ("local_mean", "local_var", "global_mean", "global_var")}
+
+
+def _warm(adapted: tta.Adapted, steps: int = 4) -> None:
+    for seed in range(steps):
+        adapted(labelled_batch(SORTED, seed=seed))
+
+
+def test_signature_hand_computed() -> None:
+    # two streams of two samples, two channels, 1x2 maps
+    x = torch.tensor(
+        [
+            [[[0.0, 2.0]], [[1.0, 1.0]]],
+            [[[4.0, 2.0]], [[1.0, 3.0]]],
+            [[[0.0, 0.0]], [[0.0, 4.0]]],
+            [[[0.0, 0.0]], [[0.0, 4.0]]],
+        ]
+    )
+    # stream 0: channel 0 values 0,2,4,2 (var 2), channel 1 values 1,1,1,3 (var 0.75)
+    # stream 1: channel 0 all 0 (var 0: clamped to 1e-12), channel 1 values 0,4,0,4 (var 4)
+    expected = torch.tensor([[math.log(2.0), math.log(0.75)], [math.log(1e-12), math.log(4.0)]])
+    signature = input_signature(x, 2)
+    torch.testing.assert_close(signature, expected)
+    previous = torch.zeros(2, 2)
+    torch.testing.assert_close(signature_change(signature, previous), expected.abs().mean(1))
+
+
+def test_a_restart_is_a_fresh_start_from_the_source_statistics() -> None:
+    adapted = tta.adapt(label_readout(), "follow", restart_shift=1.0, paths="slow")
+    _warm(adapted)
+    shifted = labelled_batch(SORTED, seed=9) * 5.0  # variance x25: log change 3.2 per channel
+    out = adapted(shifted)
+    assert adapted.method.last_restart.tolist() == [True]
+    fresh = tta.adapt(label_readout(), "follow", paths="slow")
+    fresh_out = fresh(shifted)
+    for name, value in _buffers(fresh).items():
+        torch.testing.assert_close(_buffers(adapted)[name], value, msg=name)
+    torch.testing.assert_close(out, fresh_out)
+
+
+def test_no_restart_within_a_domain_on_the_first_batch_or_when_off() -> None:
+    adapted = tta.adapt(label_readout(), "follow", restart_shift=1.0)
+    flags = []
+    for seed in range(5):
+        adapted(labelled_batch(SORTED, seed=seed))
+        flags.append(adapted.method.last_restart.item())
+    assert flags == [False] * 5
+    off = tta.adapt(label_readout(), "follow")
+    _warm(off)
+    off(labelled_batch(SORTED, seed=9) * 5.0)
+    assert off.method.last_restart is None
+    # without restarts the stored statistics keep the earlier batches (they differ from a fresh start)
+    fresh = tta.adapt(label_readout(), "follow")
+    fresh(labelled_batch(SORTED, seed=9) * 5.0)
+    assert not torch.allclose(_buffers(off)["global_var"], _buffers(fresh)["global_var"])
+
+
+def test_small_batches_neither_restart_nor_move_the_reference() -> None:
+    adapted = tta.adapt(label_readout(), "follow", restart_shift=1.0)
+    _warm(adapted, 2)
+    reference = adapted.method.previous_signature.clone()
+    adapted(labelled_batch([0, 1, 2, 3], seed=7) * 5.0)  # 4 < min_batch_size: no test, no update
+    assert adapted.method.last_restart.tolist() == [False]
+    torch.testing.assert_close(adapted.method.previous_signature, reference)
+    adapted(labelled_batch(SORTED, seed=8) * 5.0)  # compared with the last full batch: restart
+    assert adapted.method.last_restart.tolist() == [True]
+
+
+def test_streams_restart_independently() -> None:
+    multi = tta.adapt(label_readout(), "follow", restart_shift=1.0, paths="slow", num_streams=2)
+    singles = [tta.adapt(label_readout(), "follow", restart_shift=1.0, paths="slow") for _ in range(2)]
+    for seed in range(3):
+        x = labelled_batch(SORTED, seed=seed)
+        multi(torch.cat([x, x]))
+        for single in singles:
+            single(x)
+    calm, shifted = labelled_batch(SORTED, seed=5), labelled_batch(SORTED, seed=5) * 5.0
+    out = multi(torch.cat([calm, shifted]))
+    assert multi.method.last_restart.tolist() == [False, True]
+    torch.testing.assert_close(out[:32], singles[0](calm))
+    torch.testing.assert_close(out[32:], singles[1](shifted))
+
+
+def test_predict_sees_the_restart_and_changes_nothing() -> None:
+    adapted = tta.adapt(label_readout(), "follow", restart_shift=1.0, paths="slow")
+    _warm(adapted)
+    shifted = labelled_batch(SORTED, seed=9) * 5.0
+    before = {k: v.clone() for k, v in adapted.state_dict().items() if isinstance(v, torch.Tensor)}
+    signature = adapted.method.previous_signature.clone()
+    with adapted.no_adapt():
+        predicted = adapted(shifted)
+    after = adapted.state_dict()
+    for key, value in before.items():
+        torch.testing.assert_close(after[key], value, msg=key)
+    torch.testing.assert_close(adapted.method.previous_signature, signature)
+    torch.testing.assert_close(adapted(shifted), predicted)
+    assert adapted.method.last_restart.tolist() == [True]
+
+
+def test_a_bad_batch_moves_nothing_and_the_layers_are_left_clean() -> None:
+    adapted = tta.adapt(label_readout(), "follow", restart_shift=1.0)
+    _warm(adapted)
+    before = {k: v.clone() for k, v in adapted.state_dict().items() if isinstance(v, torch.Tensor)}
+    signature = adapted.method.previous_signature.clone()
+    bad = labelled_batch(SORTED, seed=9) * 5.0
+    bad[3, 0, 0, 0] = float("nan")
+    adapted(bad)
+    after = adapted.state_dict()
+    for key, value in before.items():
+        torch.testing.assert_close(after[key], value, msg=key)
+    torch.testing.assert_close(adapted.method.previous_signature, signature)
+    layer = next(m for m in adapted.model.modules() if isinstance(m, FollowBatchNorm))
+    assert layer.restart is None and layer.watch is None
+
+
+def test_restart_shift_is_checked() -> None:
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="restart_shift"):
+            tta.adapt(label_readout(), "follow", restart_shift=bad)
