@@ -61,8 +61,8 @@ class FollowHparams:
     #: layer's input differs from the previous batch's by more than this on average (a
     #: signal of the images alone: no label, no adapted statistic reaches that input).
     #: None (never) over 0.3, 0.4, 0.5 and 0.6 in the third selection (docs/RESULTS.md): the
-    #: restarts gain 1 to 6 points on correlated continual streams but cost 0.5 on the
-    #: stream where follow is furthest from the best method (one class per batch)
+    #: restarts gain 1 to 6 points on correlated continual streams but cost 0.5 to 1.6 on
+    #: the stream where follow is furthest from the best method (one class per batch)
     restart_shift: float | None = hparam(None, low=0.0, low_open=True)
     #: prior correction of the output while the stream counts as label-correlated
     prior_correction: bool = True
@@ -296,7 +296,8 @@ class Follow(StatisticsMethod):
     synchronisation), two below; one on models without BatchNorm. The restart signal adds
     one variance over the first layer's input.
     Under an objective (``"follow+tent"``) the layers behave as balanced_bn's unlabelled
-    ones (a robust moving average) and neither the detector nor the correction runs.
+    ones (a robust moving average) and neither the detector, the correction nor the restart
+    runs.
     ``last_correlated``, ``last_score`` and ``last_restart`` hold the latest step's ``(S,)``
     flags, run-test z and restarts for monitoring.
     """
