@@ -33,16 +33,16 @@ continual_batch200() {
     experiment=cifar10c_continual
 }
 continual_batch64() {
-  run continual_batch64 "${CONTINUAL_64:-source,norm,lame,tent,follow}" \
+  run continual_batch64 "${CONTINUAL_64:-source,norm,lame,tent,eta,roid,rbn,balanced_bn,follow}" \
     experiment=cifar10c_continual stream.batch_size=64
 }
 mixed() {
-  run mixed_batch200 "${MIXED_200:-source,norm,eta,lame,roid,cmf,deyo,follow}" experiment=cifar10c_mixed
+  run mixed_batch200 "${MIXED_200:-source,norm,eta,lame,roid,cmf,deyo,tent,sar,follow}" experiment=cifar10c_mixed
 }
 # The published "correlated" setting (mariodoebler/test-time-adaptation: the continual stream
 # sorted by class, batch 200) is on a GroupNorm ResNet-26: the committed one here.
 correlated_gn() {
-  MODEL=cifar10_resnet26_gn run correlated_gn_batch200 "${CORRELATED_GN:-source,lame,roid,tent,eta,follow}" \
+  MODEL=cifar10_resnet26_gn run correlated_gn_batch200 "${CORRELATED_GN:-source,lame,roid,tent,eta,sar,follow}" \
     experiment=cifar10c_continual stream.label_order=sorted
 }
 # The stream arrives at the speed of plain inference (eta 1); each method's step cost is
