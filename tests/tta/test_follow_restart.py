@@ -4,6 +4,7 @@ per stream, guarded, and invisible to ``predict``."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -138,3 +139,112 @@ def test_restart_shift_is_checked() -> None:
     for bad in (0.0, -1.0):
         with pytest.raises(ValueError, match="restart_shift"):
             tta.adapt(label_readout(), "follow", restart_shift=bad)
+
+
+# -- the restart that recentres (recentre_agreement) -----------------------------------------
+
+
+def _layer(adapted: tta.Adapted) -> FollowBatchNorm:
+    return next(m for m in adapted.model.modules() if isinstance(m, FollowBatchNorm))
+
+
+def test_recentred_state_hand_computed() -> None:
+    layer = _layer(tta.adapt(label_readout(), "follow"))
+    source_mean, source_var = layer.require_source_stats()
+    # channel 0: class means 1, 2, 3, 6 and variances 1, 1, 2, 0: global mean 3, global variance
+    # mean 1 + unbiased variance of the means 14/3 = 17/3 (the layer's own formula)
+    local_mean = torch.zeros(1, 4, 4)
+    local_var = torch.ones(1, 4, 4)
+    local_mean[0, :, 0] = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    local_var[0, :, 0] = torch.tensor([1.0, 1.0, 2.0, 0.0])
+    global_mean = local_mean.mean(1)
+    global_var = local_var.mean(1) + local_mean.var(1)
+    global_var[0, 1] = 0.0  # a dead channel takes the source statistics
+    kept_mean, kept_var = layer.recentred_state(local_mean, local_var, global_mean, global_var)
+    ratio = source_var[0] / (17.0 / 3.0)
+    expected_mean = source_mean[0] + torch.tensor([-2.0, -1.0, 0.0, 3.0]) * ratio.sqrt()
+    torch.testing.assert_close(kept_mean[0, :, 0], expected_mean)
+    torch.testing.assert_close(kept_var[0, :, 0], torch.tensor([1.0, 1.0, 2.0, 0.0]) * ratio)
+    torch.testing.assert_close(kept_mean[0, :, 1], source_mean[1].expand(4))
+    torch.testing.assert_close(kept_var[0, :, 1], source_var[1].expand(4))
+    # the mapped classes' global statistics are the source's (channels 0, 2, 3)
+    live = [0, 2, 3]
+    torch.testing.assert_close(kept_mean.mean(1)[0, live], source_mean[live])
+    torch.testing.assert_close((kept_var.mean(1) + kept_mean.var(1))[0, live], source_var[live])
+
+
+def _shifted() -> torch.Tensor:
+    return labelled_batch(SORTED, seed=9) * 5.0
+
+
+def test_a_recentring_restart_starts_from_the_recentred_statistics() -> None:
+    adapted = tta.adapt(label_readout(), "follow", restart_shift=1.0, recentre_agreement=0.5, paths="slow")
+    _warm(adapted)
+    adapted.method.agreement = torch.zeros(1)  # at or below the share: recentre
+    # the twin starts the same step from the recentred statistics written into its buffers
+    # and sees no change of signature, so it does not restart
+    twin = copy.deepcopy(adapted)
+    layer = _layer(twin)
+    kept_mean, kept_var = layer.recentred_state(layer.local_mean, layer.local_var, layer.global_mean, layer.global_var)
+    source_mean, source_var = layer.require_source_stats()
+    with torch.no_grad():
+        layer.local_mean.copy_(kept_mean)
+        layer.local_var.copy_(kept_var)
+        layer.global_mean.copy_(source_mean.expand_as(layer.global_mean))
+        layer.global_var.copy_(source_var.expand_as(layer.global_var))
+    twin.method.previous_signature = input_signature(_shifted(), 1)
+    out, twin_out = adapted(_shifted()), twin(_shifted())
+    assert adapted.method.last_restart.tolist() == [True]
+    assert twin.method.last_restart.tolist() == [False]
+    for name, value in _buffers(twin).items():
+        torch.testing.assert_close(_buffers(adapted)[name], value, msg=name)
+    torch.testing.assert_close(out, twin_out)
+    # and it is not the restart from the source statistics
+    fresh = tta.adapt(label_readout(), "follow", paths="slow")
+    fresh(_shifted())
+    assert not torch.allclose(_buffers(fresh)["local_mean"], _buffers(adapted)["local_mean"])
+
+
+def test_above_the_share_the_restart_is_a_fresh_start() -> None:
+    adapted = tta.adapt(label_readout(), "follow", restart_shift=1.0, recentre_agreement=0.5, paths="slow")
+    _warm(adapted)
+    adapted.method.agreement = torch.full((1,), 0.6)
+    out = adapted(_shifted())
+    assert adapted.method.last_restart.tolist() == [True]
+    fresh = tta.adapt(label_readout(), "follow", paths="slow")
+    fresh_out = fresh(_shifted())
+    for name, value in _buffers(fresh).items():
+        torch.testing.assert_close(_buffers(adapted)[name], value, msg=name)
+    torch.testing.assert_close(out, fresh_out)
+
+
+def test_agreement_is_a_running_average_of_slow_and_test_batch_predictions() -> None:
+    adapted = tta.adapt(label_readout(), "follow", restart_shift=1.0, recentre_agreement=0.5, agreement_rate=0.25)
+    assert adapted.method.agreement.tolist() == [1.0]
+    x = labelled_batch(SORTED, seed=3)
+    x[:, 0] += 3.5  # a shift of channel 0 that the test batch's statistics remove and the source's do not
+    # the first step's slow prediction uses the source statistics (the plain model), its fast
+    # one the test batch's (test-time BN)
+    with torch.no_grad():
+        slow = label_readout()(x).argmax(1)
+    fast = tta.adapt(label_readout(), "norm")(x).argmax(1)
+    share = (slow == fast).float().mean().item()
+    assert 0.0 < share < 1.0
+    adapted(x)
+    torch.testing.assert_close(adapted.method.agreement, torch.tensor([1.0 + 0.25 * (share - 1.0)]))
+    # predict and a bad batch leave it alone
+    agreement = adapted.method.agreement.clone()
+    with adapted.no_adapt():
+        adapted(x * 3.0)
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    adapted(bad)
+    torch.testing.assert_close(adapted.method.agreement, agreement)
+
+
+def test_recentre_agreement_is_checked() -> None:
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="recentre_agreement"):
+            tta.adapt(label_readout(), "follow", restart_shift=0.5, recentre_agreement=bad)
+    with pytest.raises(ValueError, match="agreement_rate"):
+        tta.adapt(label_readout(), "follow", agreement_rate=0.0)

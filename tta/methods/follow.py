@@ -64,6 +64,15 @@ class FollowHparams:
     #: restarts gain 1 to 6 points on correlated continual streams but cost 0.5 to 1.6 on
     #: the stream where follow is furthest from the best method (one class per batch)
     restart_shift: float | None = hparam(None, low=0.0, low_open=True)
+    #: how a restart treats the classes. None: every class starts from the source statistics.
+    #: A share: only where the stream's running agreement between the class-balanced and the
+    #: test-batch predictions (``agreement``) is above it; at or below it (batches of one
+    #: class, whose own statistics remove the class, so the two predictions disagree) the
+    #: restart recentres instead: the global statistics become the source's and each class
+    #: keeps its offset from them (:meth:`FollowBatchNorm.recentred_state`)
+    recentre_agreement: float | None = hparam(None, low=0.0, high=1.0)
+    #: step of the running average of that agreement per batch of at least ``min_batch_size``
+    agreement_rate: float = hparam(0.1, low=0.0, low_open=True, high=1.0)
     #: prior correction of the output while the stream counts as label-correlated
     prior_correction: bool = True
     #: ablation: "detect" (the detector chooses per batch), "slow" (class-balanced
@@ -318,6 +327,9 @@ class Follow(StatisticsMethod):
     #: there was one
     previous_signature = state(lambda m: torch.zeros(0))
     signature_seen = state(lambda m: torch.zeros(0, dtype=torch.bool))
+    #: running average of the share of samples on which the class-balanced and the
+    #: test-batch predictions agree, (S,) float32 (1 before any batch)
+    agreement = state(lambda m: torch.zeros(0))
     monitoring = ("last_correlated", "last_score", "last_restart")
     last_correlated: torch.Tensor | None = None
     last_score: torch.Tensor | None = None
@@ -336,6 +348,7 @@ class Follow(StatisticsMethod):
         width = layers[0].num_features if layers else 0
         self.previous_signature = torch.zeros(self.num_streams, width, device=device)
         self.signature_seen = torch.zeros(self.num_streams, dtype=torch.bool, device=device)
+        self.agreement = torch.ones(self.num_streams, device=device)
         return model
 
     def build_layer(self, name: str, source: SourceNormState) -> AdaptiveNorm:
@@ -379,8 +392,11 @@ class Follow(StatisticsMethod):
         signature = input_signature(first_input, self.num_streams)
         seen = self.signature_seen.to(signature.device) & (n >= hp.min_batch_size)
         restart = seen & (signature_change(signature, self.previous_signature.to(signature.device)) > shift)
+        recentre = None
+        if hp.recentre_agreement is not None:
+            recentre = self.agreement.to(signature.device) <= hp.recentre_agreement
         for layer in layers:
-            layer.restart = restart
+            layer.restart, layer.recentre = restart, recentre
         if update:
             self.last_restart = restart
             if n >= hp.min_batch_size:
@@ -403,7 +419,7 @@ class Follow(StatisticsMethod):
             return self._forwards(model, x, layers, update)
         finally:
             for layer in layers:
-                layer.watch, layer.restart = None, None
+                layer.watch, layer.restart, layer.recentre = None, None, None
 
     def _forwards(self, model: nn.Module, x: torch.Tensor, layers: list[FollowBatchNorm], update: bool) -> torch.Tensor:
         hp = self.hparams
@@ -431,6 +447,9 @@ class Follow(StatisticsMethod):
                 finally:
                     for layer in layers:
                         layer.batch_stats = False
+                if update:
+                    agree = (slow.argmax(1) == fast.argmax(1)).view(self.num_streams, n).float().mean(1)
+                    self.agreement = torch.lerp(self.agreement.to(agree.device), agree, hp.agreement_rate)
             correct = hp.prior_correction and n >= hp.min_batch_size
             return choose_output(slow, fast, correlated, correct, self.num_streams)
 
