@@ -239,11 +239,24 @@ class Follow(StatisticsMethod):
       does (docs/RESULTS.md), and where it fires on a class change between one-class batches
       the classes not yet seen lose their statistics of the current domain: that trade is
       what the selection measured.
+    * **How a restart treats the classes** (``recentre_agreement``, fourth selection). A
+      restart from the source statistics suits batches of several classes: what the last
+      domain left in the class statistics hurts there. Where every batch holds one class and
+      class runs are long, the classes not yet seen in the new domain are served better by
+      their old offsets. The two are told apart without labels: on one-class batches the
+      test-batch statistics remove the class, so the test-batch prediction (the third
+      forward) disagrees with the class-balanced one; ``agreement`` is the running average
+      (step ``agreement_rate`` per batch) of the share of samples on which the two argmaxes
+      agree. At or below ``recentre_agreement`` a restart *recentres*: the per-class
+      statistics move, per channel, by the affine map that takes their global mean and
+      variance to the source's (:meth:`FollowBatchNorm.recentred_state`), so each class keeps
+      its offset; above it the restart starts from the source statistics.
 
     Step on a batch x of n samples per stream:
 
     0. with ``restart_shift`` set: while the first BatchNorm layer runs, the streams whose
-       input signal exceeds it start this step from the source statistics (steps 1 and 3);
+       input signal exceeds it start this step from the source statistics, or from the
+       recentred ones where ``agreement <= recentre_agreement`` (steps 1 and 3);
     1. forward with the stored class-balanced statistics, nothing updated: the slow
        prediction ``o_slow`` and pseudo-labels ``y = argmax o_slow``;
     2. detector on y (per stream): alarm if ``run_score(y) > z_threshold``, or if this and
@@ -257,7 +270,8 @@ class Follow(StatisticsMethod):
        step 3), output discarded;
     4. the returned prediction, per stream: correlated: ``o_slow`` with the prior correction;
        not correlated and ``n >= min_batch_size``: the output of a third forward with
-       test-batch statistics (test-time BN); otherwise ``o_slow``.
+       test-batch statistics (test-time BN); otherwise ``o_slow``. With a third forward,
+       ``agreement <- agreement + agreement_rate (mean[argmax o_slow = argmax o_fast] - agreement)``.
 
     A stream starts not correlated (``quiet = hold``): a class-sorted stream raises the
     alarm at its first batch that holds two runs. Ablations (``paths``): "slow" is
