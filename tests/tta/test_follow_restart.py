@@ -48,12 +48,12 @@ def test_signature_hand_computed() -> None:
 
 
 def test_a_restart_is_a_fresh_start_from_the_source_statistics() -> None:
-    adapted = tta.adapt(label_readout(), "follow", restart_shift=1.0, paths="slow")
+    adapted = tta.adapt(label_readout(), "follow", restart_shift=1.0, recentre_agreement=None, paths="slow")
     _warm(adapted)
     shifted = labelled_batch(SORTED, seed=9) * 5.0  # variance x25: log change 3.2 per channel
     out = adapted(shifted)
     assert adapted.method.last_restart.tolist() == [True]
-    fresh = tta.adapt(label_readout(), "follow", paths="slow")
+    fresh = tta.adapt(label_readout(), "follow", restart_shift=None, paths="slow")
     fresh_out = fresh(shifted)
     for name, value in _buffers(fresh).items():
         torch.testing.assert_close(_buffers(adapted)[name], value, msg=name)
@@ -67,12 +67,12 @@ def test_no_restart_within_a_domain_on_the_first_batch_or_when_off() -> None:
         adapted(labelled_batch(SORTED, seed=seed))
         flags.append(adapted.method.last_restart.item())
     assert flags == [False] * 5
-    off = tta.adapt(label_readout(), "follow")
+    off = tta.adapt(label_readout(), "follow", restart_shift=None)
     _warm(off)
     off(labelled_batch(SORTED, seed=9) * 5.0)
     assert off.method.last_restart is None
     # without restarts the stored statistics keep the earlier batches (they differ from a fresh start)
-    fresh = tta.adapt(label_readout(), "follow")
+    fresh = tta.adapt(label_readout(), "follow", restart_shift=None)
     fresh(labelled_batch(SORTED, seed=9) * 5.0)
     assert not torch.allclose(_buffers(off)["global_var"], _buffers(fresh)["global_var"])
 
@@ -133,6 +133,11 @@ def test_a_bad_batch_moves_nothing_and_the_layers_are_left_clean() -> None:
     torch.testing.assert_close(adapted.method.previous_signature, signature)
     layer = next(m for m in adapted.model.modules() if isinstance(m, FollowBatchNorm))
     assert layer.restart is None and layer.watch is None
+
+
+def test_defaults_are_the_fourth_selection() -> None:
+    hp = tta.build_method("follow").hparams
+    assert (hp.restart_shift, hp.recentre_agreement, hp.agreement_rate) == (0.4, 0.5, 0.1)
 
 
 def test_restart_shift_is_checked() -> None:
@@ -200,7 +205,7 @@ def test_a_recentring_restart_starts_from_the_recentred_statistics() -> None:
         torch.testing.assert_close(_buffers(adapted)[name], value, msg=name)
     torch.testing.assert_close(out, twin_out)
     # and it is not the restart from the source statistics
-    fresh = tta.adapt(label_readout(), "follow", paths="slow")
+    fresh = tta.adapt(label_readout(), "follow", restart_shift=None, paths="slow")
     fresh(_shifted())
     assert not torch.allclose(_buffers(fresh)["local_mean"], _buffers(adapted)["local_mean"])
 
@@ -211,7 +216,7 @@ def test_above_the_share_the_restart_is_a_fresh_start() -> None:
     adapted.method.agreement = torch.full((1,), 0.6)
     out = adapted(_shifted())
     assert adapted.method.last_restart.tolist() == [True]
-    fresh = tta.adapt(label_readout(), "follow", paths="slow")
+    fresh = tta.adapt(label_readout(), "follow", restart_shift=None, paths="slow")
     fresh_out = fresh(_shifted())
     for name, value in _buffers(fresh).items():
         torch.testing.assert_close(_buffers(adapted)[name], value, msg=name)
