@@ -265,54 +265,39 @@ eval2() {
   POOL=$FULL_SORTED_POOL bn eval/bn_sorted_full_batch200 experiment=cifar10c_continual seed=2 stream.corruption_seed=2 stream.label_order=sorted
   POOL=$FULL_SORTED_POOL bn eval/bn_sorted_full_batch100 experiment=cifar10c_continual seed=2 stream.corruption_seed=2 stream.label_order=sorted stream.batch_size=100
 }
-# -- third selection: follow's restart_shift ----------------------------------------------
-RESTART_GRID=${RESTART_GRID:-0.3,0.4,0.5,0.6}
-dev3() {
-  local grid=("+method.hparams.restart_shift=$RESTART_GRID")
-  sweep dev3/bn_recurring_5 model=cifar10_resnet26 experiment=cifar10c_continual stream=recurring stream.batch_size=64 \
-    seed=1 stream.corruption_seed=1 stream.n_examples=334 stream.recurrences=5 method=source,norm,balanced_bn,follow
-  sweep dev3/bn_recurring_5 model=cifar10_resnet26 experiment=cifar10c_continual stream=recurring stream.batch_size=64 \
-    seed=1 stream.corruption_seed=1 stream.n_examples=334 stream.recurrences=5 method=follow "${grid[@]}"
-  sweep dev3/bn_one_class_4 model=cifar10_resnet26 experiment=cifar10c_continual seed=1 stream.label_order=sorted \
-    'stream.domains=[defocus_blur,gaussian_noise,shot_noise,contrast]' method=source,lame,balanced_bn,follow
-  sweep dev3/bn_one_class_4 model=cifar10_resnet26 experiment=cifar10c_continual seed=1 stream.label_order=sorted \
-    'stream.domains=[defocus_blur,gaussian_noise,shot_noise,contrast]' method=follow "${grid[@]}"
-  # the second selection's development streams, follow with each restart_shift
-  POOL=follow bn dev3/bn_iid_300 "${C[@]}" seed=1 "${grid[@]}"
-  POOL=follow bn dev3/bn_sorted_300 "${C[@]}" seed=1 stream.label_order=sorted "${grid[@]}"
-  POOL=follow bn dev3/bn_dirichlet0.1_300 "${C[@]}" seed=1 stream.label_order=dirichlet stream.delta=0.1 "${grid[@]}"
-  POOL=follow bn dev3/bn_class_temporal_300 "${C[@]}" seed=1 stream.label_order=class_temporal stream.delta=0.1 "${grid[@]}"
-  POOL=follow bn dev3/bn_sorted_batch16_300 "${C[@]}" seed=1 stream.label_order=sorted stream.batch_size=16 "${grid[@]}"
-  POOL=follow bn dev3/bn_iid_batch16_300 "${C[@]}" seed=1 stream.batch_size=16 "${grid[@]}"
-  POOL=follow bn dev3/bn_sorted_2000 "${C[@]}" seed=1 stream.label_order=sorted stream.n_examples=2000 "${grid[@]}"
-  POOL=follow bn dev3/bn_sorted_2000_batch200 "${C[@]}" seed=1 stream.label_order=sorted stream.n_examples=2000 stream.batch_size=200 "${grid[@]}"
-  POOL=follow bn dev3/bn_sorted_full_batch200 experiment=cifar10c_continual seed=1 stream.label_order=sorted "${grid[@]}"
-  sweep dev3/digits experiment=digits_quick method=follow seed=0 stream.batch_size=64 stream.label_order=iid,sorted "${grid[@]}"
-  sweep dev3/digits_batch16 experiment=digits_quick method=follow seed=0 stream.batch_size=16 stream.label_order=iid,dirichlet \
-    stream.delta=0.1 "${grid[@]}"
-  sweep dev3/digits_batch16_seeds experiment=digits_quick method=follow seed=2,3 stream.batch_size=16 "${grid[@]}"
+# -- third and fourth selections: follow's restarts -------------------------------------------
+REC5=(model=cifar10_resnet26 experiment=cifar10c_continual stream=recurring stream.batch_size=64 seed=1
+  stream.corruption_seed=1 stream.n_examples=334 stream.recurrences=5)
+ONE4=(model=cifar10_resnet26 experiment=cifar10c_continual seed=1 stream.label_order=sorted
+  'stream.domains=[defocus_blur,gaussian_noise,shot_noise,contrast]')
+follow_dev() {  # follow_dev <split> <follow overrides...>: follow on the 17 development streams
+  local split=$1; shift
+  sweep "$split/bn_recurring_5" "${REC5[@]}" method=follow "$@"
+  sweep "$split/bn_one_class_4" "${ONE4[@]}" method=follow "$@"
+  POOL=follow bn "$split/bn_iid_300" "${C[@]}" seed=1 "$@"
+  POOL=follow bn "$split/bn_sorted_300" "${C[@]}" seed=1 stream.label_order=sorted "$@"
+  POOL=follow bn "$split/bn_dirichlet0.1_300" "${C[@]}" seed=1 stream.label_order=dirichlet stream.delta=0.1 "$@"
+  POOL=follow bn "$split/bn_class_temporal_300" "${C[@]}" seed=1 stream.label_order=class_temporal stream.delta=0.1 "$@"
+  POOL=follow bn "$split/bn_sorted_batch16_300" "${C[@]}" seed=1 stream.label_order=sorted stream.batch_size=16 "$@"
+  POOL=follow bn "$split/bn_iid_batch16_300" "${C[@]}" seed=1 stream.batch_size=16 "$@"
+  POOL=follow bn "$split/bn_sorted_2000" "${C[@]}" seed=1 stream.label_order=sorted stream.n_examples=2000 "$@"
+  POOL=follow bn "$split/bn_sorted_2000_batch200" "${C[@]}" seed=1 stream.label_order=sorted stream.n_examples=2000 stream.batch_size=200 "$@"
+  POOL=follow bn "$split/bn_sorted_full_batch200" experiment=cifar10c_continual seed=1 stream.label_order=sorted "$@"
+  sweep "$split/digits" experiment=digits_quick method=follow seed=0 stream.batch_size=64 stream.label_order=iid,sorted "$@"
+  sweep "$split/digits_batch16" experiment=digits_quick method=follow seed=0 stream.batch_size=16 stream.label_order=iid,dirichlet \
+    stream.delta=0.1 "$@"
+  sweep "$split/digits_batch16_seeds" experiment=digits_quick method=follow seed=2,3 stream.batch_size=16 "$@"
 }
-# -- fourth selection: follow's restart that recentres on one-class batches ------------------
+RESTART_GRID=${RESTART_GRID:-0.3,0.4,0.5,0.6}
+dev3() {  # third: restarts from the source statistics. Its baselines ran follow before the
+  # fourth selection's defaults; since then restart_shift=null is that follow (no restarts)
+  sweep dev3/bn_recurring_5 "${REC5[@]}" method=source,norm,balanced_bn,follow
+  sweep dev3/bn_one_class_4 "${ONE4[@]}" method=source,lame,balanced_bn,follow
+  follow_dev dev3 "+method.hparams.restart_shift=$RESTART_GRID" "+method.hparams.recentre_agreement=null"
+}
 RECENTRE_GRID=${RECENTRE_GRID:-0.4,0.5}
-dev4() {
-  local grid=("+method.hparams.restart_shift=$RECENTRE_GRID" "+method.hparams.recentre_agreement=0.5")
-  sweep dev4/bn_recurring_5 model=cifar10_resnet26 experiment=cifar10c_continual stream=recurring stream.batch_size=64 \
-    seed=1 stream.corruption_seed=1 stream.n_examples=334 stream.recurrences=5 method=follow "${grid[@]}"
-  sweep dev4/bn_one_class_4 model=cifar10_resnet26 experiment=cifar10c_continual seed=1 stream.label_order=sorted \
-    'stream.domains=[defocus_blur,gaussian_noise,shot_noise,contrast]' method=follow "${grid[@]}"
-  POOL=follow bn dev4/bn_iid_300 "${C[@]}" seed=1 "${grid[@]}"
-  POOL=follow bn dev4/bn_sorted_300 "${C[@]}" seed=1 stream.label_order=sorted "${grid[@]}"
-  POOL=follow bn dev4/bn_dirichlet0.1_300 "${C[@]}" seed=1 stream.label_order=dirichlet stream.delta=0.1 "${grid[@]}"
-  POOL=follow bn dev4/bn_class_temporal_300 "${C[@]}" seed=1 stream.label_order=class_temporal stream.delta=0.1 "${grid[@]}"
-  POOL=follow bn dev4/bn_sorted_batch16_300 "${C[@]}" seed=1 stream.label_order=sorted stream.batch_size=16 "${grid[@]}"
-  POOL=follow bn dev4/bn_iid_batch16_300 "${C[@]}" seed=1 stream.batch_size=16 "${grid[@]}"
-  POOL=follow bn dev4/bn_sorted_2000 "${C[@]}" seed=1 stream.label_order=sorted stream.n_examples=2000 "${grid[@]}"
-  POOL=follow bn dev4/bn_sorted_2000_batch200 "${C[@]}" seed=1 stream.label_order=sorted stream.n_examples=2000 stream.batch_size=200 "${grid[@]}"
-  POOL=follow bn dev4/bn_sorted_full_batch200 experiment=cifar10c_continual seed=1 stream.label_order=sorted "${grid[@]}"
-  sweep dev4/digits experiment=digits_quick method=follow seed=0 stream.batch_size=64 stream.label_order=iid,sorted "${grid[@]}"
-  sweep dev4/digits_batch16 experiment=digits_quick method=follow seed=0 stream.batch_size=16 stream.label_order=iid,dirichlet \
-    stream.delta=0.1 "${grid[@]}"
-  sweep dev4/digits_batch16_seeds experiment=digits_quick method=follow seed=2,3 stream.batch_size=16 "${grid[@]}"
+dev4() {  # fourth: restarts that recentre where the agreement is at most 0.5
+  follow_dev dev4 "+method.hparams.restart_shift=$RECENTRE_GRID" "+method.hparams.recentre_agreement=0.5"
 }
 # the chosen follow on the evaluation streams (CHOSEN: its hydra overrides)
 CHOSEN=${CHOSEN:-+method.hparams.restart_shift=0.4 +method.hparams.recentre_agreement=0.5}
