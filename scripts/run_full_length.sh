@@ -33,7 +33,7 @@ continual_batch200() {
     experiment=cifar10c_continual
 }
 continual_batch64() {
-  run continual_batch64 "${CONTINUAL_64:-source,norm,lame,tent,eta,roid,rbn,balanced_bn,sar,cmf,follow}" \
+  run continual_batch64 "${CONTINUAL_64:-source,norm,lame,tent,eta,roid,rbn,balanced_bn,sar,cmf,deyo,follow}" \
     experiment=cifar10c_continual stream.batch_size=64
 }
 mixed() {
