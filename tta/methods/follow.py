@@ -238,7 +238,8 @@ class Follow(StatisticsMethod):
       against the last batch ``t'`` of at least ``min_batch_size`` samples
       (:func:`input_signature`, :func:`signature_change`). Above ``restart_shift`` the step
       starts from the source statistics (:class:`tta.layers.follow_bn.FollowBatchNorm`'s
-      ``restart``), exactly as a freshly built method would; the detector keeps its state.
+      ``restart``), exactly as a freshly built method would, or from the recentred ones
+      (next item); the detector keeps its state.
       A class change inside a domain moves this signal less than a change of corruption
       does (docs/RESULTS.md), and where it fires on a class change between one-class batches
       the classes not yet seen lose their statistics of the current domain: that trade is
