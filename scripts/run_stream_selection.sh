@@ -182,6 +182,29 @@
 #   Largest regret (full-length one-class stream, behind lame): 0.4+recentre 5.59, 0.5+recentre
 #   6.10 (0.51 above: out), off 7.21, the restarts from source 7.72-8.81; mean regret 0.823
 #   (off 0.914). The evaluation runs: CHOSEN's default below, section eval4.
+#
+# FIFTH SELECTION, DECLARED on 2026-12-07 at 23:57 UTC, before any run of it: it chooses
+# where `follow`'s restart signal reads the images, for the recurring criterion still missed
+# (1.04: a restart fires at 151 of the 299 domain changes, so a visit's error depends on which
+# ones fire). Probes on development streams only (scripts outside the library: the per-layer
+# test-batch statistics of the source model), before this declaration: the first layer's
+# log-variance change separates only half of the recurring twin's domain changes from the
+# changes inside a domain (46 of 74 at 0.4, the largest within-domain change 0.35 to 0.48);
+# averaged over every BatchNorm layer's input in the test-batch forward, 57 of 74 exceed the
+# largest within-domain change of the development streams measured (0.139: class-sorted at
+# batch 16; measured: the recurring twin and the 300-image i.i.d., class-sorted, Dirichlet,
+# class-temporal and batch-16 class-sorted streams and class-sorted 2,000); 9 of the 15 kinds
+# of change, the wrap-around among them, exceed 0.14 in every visit (the first layer at 0.4:
+# 6). New option restart_signal=all_layers (the test-batch forward runs first and gives the
+# signal).
+# * Threshold, fixed by a rule on the signal alone: the smallest 0.01 step above the largest
+#   within-domain change on those development streams (0.139, so 0.14).
+# * Development streams (they choose): the fourth selection's 17. Candidates: the fourth
+#   selection's choice (restart_shift 0.4 on the first layer, its figures) and
+#   restart_signal=all_layers with restart_shift 0.14 (recentre_agreement 0.5 for both).
+# * Criterion: the fourth selection's.
+# * Evaluation streams (they only score): the fourth selection's (section eval5), only if the
+#   new candidate is chosen. Acceptance: as before.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -301,8 +324,14 @@ dev4() {  # fourth: restarts that recentre where the agreement is at most 0.5
 }
 # the chosen follow on the evaluation streams (CHOSEN: its hydra overrides)
 CHOSEN=${CHOSEN:-+method.hparams.restart_shift=0.4 +method.hparams.recentre_agreement=0.5}
-eval4() {
-  local hp=($CHOSEN) E=eval4
+CHOSEN5=${CHOSEN5:-+method.hparams.restart_signal=all_layers +method.hparams.restart_shift=0.14 +method.hparams.recentre_agreement=0.5}
+eval4() { eval_follow eval4 "$CHOSEN"; }
+eval5() { eval_follow eval5 "$CHOSEN5"; }
+dev5() {  # fifth: the restart signal over every layer's test-batch input
+  follow_dev dev5 $CHOSEN5
+}
+eval_follow() {  # eval_follow <split> <follow overrides>: the chosen follow on the evaluation streams
+  local E=$1 hp=($2)
   POOL=follow bn $E/bn_iid_300 "${C[@]}" seed=2 "${hp[@]}"
   POOL=follow bn $E/bn_sorted_300 "${C[@]}" seed=2 stream.label_order=sorted "${hp[@]}"
   POOL=follow bn $E/bn_dirichlet0.01_300 "${C[@]}" seed=2 stream.label_order=dirichlet stream.delta=0.01 "${hp[@]}"
@@ -346,6 +375,6 @@ select_gn() {  # GroupNorm and LayerNorm (ViT) models
 }
 
 SECTIONS=("$@")
-[ ${#SECTIONS[@]} -gt 0 ] || SECTIONS=(dev_bn dev_digits dev_gn dev_vit eval_bn eval_bn_2000 eval_bn_long eval_digits eval_demo eval_gn eval_vit select_bn select_gn dev2 eval2 dev3 dev4 eval4)
+[ ${#SECTIONS[@]} -gt 0 ] || SECTIONS=(dev_bn dev_digits dev_gn dev_vit eval_bn eval_bn_2000 eval_bn_long eval_digits eval_demo eval_gn eval_vit select_bn select_gn dev2 eval2 dev3 dev4 eval4 dev5 eval5)
 mkdir -p "$OUT/eval"
 for section in "${SECTIONS[@]}"; do "$section"; done

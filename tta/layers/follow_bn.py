@@ -26,6 +26,9 @@ class FollowBatchNorm(BalancedBatchNorm):
       become the source's as above, but each class keeps its offset from the class mixture.
     * ``watch``: a callable that gets the layer's input before anything else happens (the
       method reads the first layer's input with it and sets ``restart`` on every layer).
+    * ``keep_batch_var = True``: a ``batch_stats`` forward leaves the test batch's variance
+      per stream and channel, ``(S, C)`` float32, in ``batch_var`` (the method's restart
+      signal over every layer reads it; the method clears it).
 
     Every other forward is the balanced layer's (labelled update, frozen, or unlabelled
     moving average).
@@ -37,6 +40,8 @@ class FollowBatchNorm(BalancedBatchNorm):
         self.restart: torch.Tensor | None = None
         self.recentre: torch.Tensor | None = None
         self.watch: Callable[[torch.Tensor], None] | None = None
+        self.keep_batch_var = False
+        self.batch_var: torch.Tensor | None = None
 
     def stored_state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         stored = super().stored_state()
@@ -83,4 +88,6 @@ class FollowBatchNorm(BalancedBatchNorm):
             return super().forward(x)
         self.check_input(x)
         mean, var = stream_stats(x, self.num_streams)
+        if self.keep_batch_var:
+            self.batch_var = var.detach()
         return normalize(x, mean, var, self.weight, self.bias, self.eps)

@@ -4,6 +4,7 @@ from the diagnosis of ``gated_bn`` (docs/RESULTS.md), not a published one."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -22,6 +23,8 @@ from tta.surgery import find_norm_layers
 
 #: accepted values of the ``paths`` ablation switch
 PATHS = ("detect", "slow", "fast")
+#: accepted values of ``restart_signal``: which BatchNorm inputs the restart reads
+RESTART_SIGNALS = ("first_layer", "all_layers")
 
 
 @dataclasses.dataclass
@@ -65,6 +68,15 @@ class FollowHparams:
     #: restarts gain 1 to 6 points on correlated continual streams but cost 0.5 to 1.6 where
     #: every batch holds one class
     restart_shift: float | None = hparam(0.4, low=0.0, low_open=True)
+    #: which inputs the restart signal reads. "first_layer": the first BatchNorm layer's
+    #: input in the step's first forward (above). "all_layers": every BatchNorm layer's
+    #: input in the test-batch forward (run first then), where every layer normalizes by the
+    #: batch's own statistics, so the signal still depends on the images alone; the change
+    #: is averaged over the channels of each layer, then over the layers. Deeper layers tell
+    #: apart corruptions whose first-layer variances are alike (docs/RESULTS.md, fifth
+    #: selection). Batches below ``min_batch_size`` have no test-batch forward and never
+    #: restart either way
+    restart_signal: str = hparam("first_layer", choices=RESTART_SIGNALS)
     #: how a restart treats the classes. None: every class starts from the source statistics.
     #: A share: only where the stream's running agreement between the class-balanced and the
     #: test-batch predictions (``agreement``) is above it; at or below it (batches of one
@@ -168,9 +180,14 @@ def input_signature(first_input: torch.Tensor, num_streams: int) -> torch.Tensor
     return var.clamp_min(1e-12).log()
 
 
-def signature_change(signature: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
-    """Per stream, the mean over channels of ``|signature - previous|``: ``(S,)``."""
-    return (signature - previous).abs().mean(1)
+def signature_change(signature: torch.Tensor, previous: torch.Tensor, widths: Sequence[int] | None = None) -> torch.Tensor:
+    """Per stream, the mean over channels of ``|signature - previous|``: ``(S,)``. With
+    ``widths`` (the channel counts of the layers whose signatures are concatenated along
+    dim 1), the mean over channels of each layer, then over the layers."""
+    change = (signature - previous).abs()
+    if widths is None or len(widths) == 1:
+        return change.mean(1)
+    return torch.stack([part.mean(1) for part in change.split(list(widths), 1)], 1).mean(1)
 
 
 def streamwise_prior_correction(logits: torch.Tensor, num_streams: int) -> torch.Tensor:
@@ -339,18 +356,19 @@ class Follow(StatisticsMethod):
     previous_counts = state(lambda m: torch.zeros(0))
     #: consecutive label-shifted batch pairs so far, (S,) float32
     shift_streak = state(lambda m: torch.zeros(0))
-    #: log variance per channel of the first BatchNorm layer's input on the last batch of at
-    #: least ``min_batch_size`` samples, (S, C) float32; ``signature_seen`` (S,) bool: whether
-    #: there was one
+    #: log variance per channel of the restart signal's inputs (the first BatchNorm layer's,
+    #: or every layer's concatenated) on the last batch of at least ``min_batch_size``
+    #: samples, (S, C) float32; ``signature_seen`` (S,) bool: whether there was one
     previous_signature = state(lambda m: torch.zeros(0))
     signature_seen = state(lambda m: torch.zeros(0, dtype=torch.bool))
     #: running average of the share of samples on which the class-balanced and the
     #: test-batch predictions agree, (S,) float32 (1 before any batch)
     agreement = state(lambda m: torch.zeros(0))
-    monitoring = ("last_correlated", "last_score", "last_restart")
+    monitoring = ("last_correlated", "last_score", "last_restart", "last_signal")
     last_correlated: torch.Tensor | None = None
     last_score: torch.Tensor | None = None
     last_restart: torch.Tensor | None = None
+    last_signal: torch.Tensor | None = None
 
     def convert(self, model: nn.Module) -> nn.Module:
         self._num_classes = self.hparams.num_classes or infer_num_classes(model, self.name)
@@ -362,8 +380,8 @@ class Follow(StatisticsMethod):
         self.previous_counts = torch.zeros(self.num_streams, self._num_classes, device=device)
         self.shift_streak = torch.zeros(self.num_streams, device=device)
         layers = self.layers(model)
-        width = layers[0].num_features if layers else 0
-        self.previous_signature = torch.zeros(self.num_streams, width, device=device)
+        self._signal_widths = self.signal_widths(layers)
+        self.previous_signature = torch.zeros(self.num_streams, sum(self._signal_widths), device=device)
         self.signature_seen = torch.zeros(self.num_streams, dtype=torch.bool, device=device)
         self.agreement = torch.ones(self.num_streams, device=device)
         return model
@@ -377,6 +395,14 @@ class Follow(StatisticsMethod):
     @staticmethod
     def layers(model: nn.Module) -> list[FollowBatchNorm]:
         return [m for m in model.modules() if isinstance(m, FollowBatchNorm)]
+
+    def signal_widths(self, layers: list[FollowBatchNorm]) -> list[int]:
+        """Channel counts of the layers whose inputs the restart signal reads."""
+        if not layers:
+            return [0]
+        if self.hparams.restart_signal == "all_layers":
+            return [layer.num_features for layer in layers]
+        return [layers[0].num_features]
 
     def _detect(self, slow: torch.Tensor, n: int, update: bool) -> torch.Tensor:
         """Per-stream flag: the stream counts as label-correlated (and update the detector)."""
@@ -400,22 +426,22 @@ class Follow(StatisticsMethod):
             self.last_correlated, self.last_score = correlated, score
         return correlated
 
-    def _restart(self, first_input: torch.Tensor, layers: list[FollowBatchNorm], shift: float, update: bool) -> None:
-        """Set ``restart`` on every layer: the streams whose first-layer input changed its log
-        variance per channel by more than ``shift`` on average since the previous
-        batch (and record this batch's, if ``update``). No host synchronisation."""
+    def _restart(self, signature: torch.Tensor, n: int, layers: list[FollowBatchNorm], shift: float, update: bool) -> None:
+        """Set ``restart`` on every layer: the streams whose signal inputs changed their log
+        variance per channel (``signature``, ``(S, C)``) by more than ``shift`` on average
+        since the previous batch (and record this batch's, if ``update``). No host
+        synchronisation."""
         hp = self.hparams
-        n = first_input.shape[0] // self.num_streams
-        signature = input_signature(first_input, self.num_streams)
         seen = self.signature_seen.to(signature.device) & (n >= hp.min_batch_size)
-        restart = seen & (signature_change(signature, self.previous_signature.to(signature.device)) > shift)
+        change = signature_change(signature, self.previous_signature.to(signature.device), self._signal_widths)
+        restart = seen & (change > shift)
         recentre = None
         if hp.recentre_agreement is not None:
             recentre = self.agreement.to(signature.device) <= hp.recentre_agreement
         for layer in layers:
             layer.restart, layer.recentre = restart, recentre
         if update:
-            self.last_restart = restart
+            self.last_restart, self.last_signal = restart, torch.where(seen, change, torch.nan)
             if n >= hp.min_batch_size:
                 self.previous_signature = signature
                 self.signature_seen = torch.ones_like(self.signature_seen)
@@ -425,26 +451,54 @@ class Follow(StatisticsMethod):
         layers = self.layers(model)
         try:
             shift = hp.restart_shift
-            if layers and shift is not None:
+            if layers and shift is not None and hp.restart_signal == "first_layer":
                 first = layers[0]
 
                 def watch(first_input: torch.Tensor) -> None:
                     first.watch = None
-                    self._restart(first_input, layers, shift, update)
+                    n = first_input.shape[0] // self.num_streams
+                    self._restart(input_signature(first_input, self.num_streams), n, layers, shift, update)
 
                 first.watch = watch
             return self._forwards(model, x, layers, update)
         finally:
             for layer in layers:
                 layer.watch, layer.restart, layer.recentre = None, None, None
+                layer.keep_batch_var, layer.batch_var = False, None
+
+    def _test_batch_forward(self, model: nn.Module, x: torch.Tensor, layers: list[FollowBatchNorm]) -> torch.Tensor:
+        """The forward with every layer normalizing by the test batch's own statistics."""
+        try:
+            for layer in layers:
+                layer.batch_stats = True
+            return model(x)
+        finally:
+            for layer in layers:
+                layer.batch_stats = False
 
     def _forwards(self, model: nn.Module, x: torch.Tensor, layers: list[FollowBatchNorm], update: bool) -> torch.Tensor:
         hp = self.hparams
         with torch.no_grad():
+            n = x.shape[0] // self.num_streams
+            fast = None
+            signal_everywhere = layers and hp.restart_shift is not None and hp.restart_signal == "all_layers"
+            if signal_everywhere and n < hp.min_batch_size and update:
+                self.last_restart = torch.zeros_like(self.signature_seen)
+                self.last_signal = torch.full_like(self.agreement, torch.nan)
+            if signal_everywhere and n >= hp.min_batch_size:
+                for layer in layers:
+                    layer.keep_batch_var = True
+                fast = self._test_batch_forward(model, x, layers)
+                variances = [layer.batch_var for layer in layers]
+                for layer in layers:
+                    layer.keep_batch_var, layer.batch_var = False, None
+                if any(var is None for var in variances):
+                    raise RuntimeError(f"{self.name}: a BatchNorm layer did not run in the test-batch forward")
+                signature = torch.cat(variances, 1).clamp_min(1e-12).log()  # type: ignore[arg-type]
+                self._restart(signature, n, layers, hp.restart_shift, update)
             with frozen_layers(layers):
                 slow = model(x)
             check_class_output(slow, self._num_classes, self.name)
-            n = slow.shape[0] // self.num_streams
             correlated = self._detect(slow, n, update)
             if update and layers:
                 labels = slow.argmax(1)
@@ -455,18 +509,11 @@ class Follow(StatisticsMethod):
                 finally:
                     for layer in layers:
                         layer.labels = None
-            fast = None
-            if layers and n >= hp.min_batch_size:  # always, so that no step waits for the device
-                try:
-                    for layer in layers:
-                        layer.batch_stats = True
-                    fast = model(x)
-                finally:
-                    for layer in layers:
-                        layer.batch_stats = False
-                if update:
-                    agree = (slow.argmax(1) == fast.argmax(1)).view(self.num_streams, n).float().mean(1)
-                    self.agreement = torch.lerp(self.agreement.to(agree.device), agree, hp.agreement_rate)
+            if fast is None and layers and n >= hp.min_batch_size:  # always, so that no step waits for the device
+                fast = self._test_batch_forward(model, x, layers)
+            if fast is not None and update:
+                agree = (slow.argmax(1) == fast.argmax(1)).view(self.num_streams, n).float().mean(1)
+                self.agreement = torch.lerp(self.agreement.to(agree.device), agree, hp.agreement_rate)
             correct = hp.prior_correction and n >= hp.min_batch_size
             return choose_output(slow, fast, correlated, correct, self.num_streams)
 
