@@ -4,6 +4,7 @@ seconds.
     python -m benchmarks.follow_replay record out.pt experiment=cifar10c_continual seed=1
     python -m benchmarks.follow_replay replay out.pt [more.pt ...] --grid '[{}, {"hold": 2048}]'
     python -m benchmarks.follow_replay signal experiment=cifar10c_continual seed=1 --thresholds 0.3,0.4
+    python -m benchmarks.follow_replay signal experiment=cifar10c_continual seed=1 --signal all_layers --thresholds 0.14
 
 ``follow``'s two paths do not depend on its detector: the class-balanced statistics update
 on every batch with the slow path's own labels, and the test-batch forward runs on every
@@ -18,7 +19,9 @@ checks that a replay equals the method's own output.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +31,7 @@ import torch
 from torch import nn
 
 import tta
-from tta.methods.follow import Follow, choose_output, input_signature, signature_change
+from tta.methods.follow import RESTART_SIGNALS, Follow, choose_output, input_signature, signature_change
 from tta.surgery import find_norm_layers
 
 
@@ -89,13 +92,20 @@ class _Captured(Exception):
     """Stops a forward once the watched layer's input is captured."""
 
 
-def restart_signal(model: nn.Module, batches: Iterable[torch.Tensor], min_batch_size: int = 16) -> list[float | None]:
+def restart_signal(
+    model: nn.Module, batches: Iterable[torch.Tensor], min_batch_size: int = 16, signal: str = "first_layer"
+) -> list[float | None]:
     """Per batch, the change of ``follow``'s restart signal (:func:`tta.methods.follow.signature_change`
-    of the first BatchNorm layer's input against the previous batch of at least
+    of the first BatchNorm layer's input, or with ``signal="all_layers"`` of every layer's
+    input in the test-batch forward, against the previous batch of at least
     ``min_batch_size``; ``None`` where there is none or the batch is smaller). ``follow``
-    with ``restart_shift=t`` restarts exactly at the batches whose change exceeds ``t``: the
-    signal depends on the images alone (the layers before the first BatchNorm do not adapt),
-    so the source model gives it, one partial forward per batch."""
+    with ``restart_shift=t`` (and that ``restart_signal``) restarts exactly at the batches
+    whose change exceeds ``t``: the signal depends on the images alone. The first layer's
+    comes from the source model, one partial forward per batch (the layers before the first
+    BatchNorm do not adapt); every layer's from ``follow`` itself with a threshold no change
+    reaches (its test-batch forward does not depend on the adapted statistics)."""
+    if signal == "all_layers":
+        return _signal_of_every_layer(model, batches, min_batch_size)
     norms = find_norm_layers(model)
     if not norms:
         raise ValueError("the model has no BatchNorm layer: follow has nothing to restart")
@@ -128,6 +138,20 @@ def restart_signal(model: nn.Module, batches: Iterable[torch.Tensor], min_batch_
     return changes
 
 
+def _signal_of_every_layer(model: nn.Module, batches: Iterable[torch.Tensor], min_batch_size: int) -> list[float | None]:
+    adapted = tta.adapt(
+        copy.deepcopy(model), "follow", restart_signal="all_layers", restart_shift=math.inf, min_batch_size=min_batch_size
+    )
+    if not Follow.layers(adapted.model):
+        raise ValueError("the model has no BatchNorm layer: follow has nothing to restart")
+    changes: list[float | None] = []
+    for images in batches:
+        adapted(images)
+        change = float(adapted.method.last_signal[0])
+        changes.append(None if math.isnan(change) else change)
+    return changes
+
+
 def _configured(overrides: Sequence[str]) -> tuple[Any, nn.Module, Any]:
     from hydra import compose, initialize_config_module
 
@@ -144,7 +168,7 @@ def _configured(overrides: Sequence[str]) -> tuple[Any, nn.Module, Any]:
     return spec, model, build_stream(spec.stream)
 
 
-def _signal_command(overrides: Sequence[str], thresholds: Sequence[float], out: str | None) -> None:
+def _signal_command(overrides: Sequence[str], thresholds: Sequence[float], out: str | None, signal: str) -> None:
     spec, model, stream = _configured(overrides)
     segments: list[int] = []
 
@@ -154,7 +178,7 @@ def _signal_command(overrides: Sequence[str], thresholds: Sequence[float], out: 
             yield batch.images
 
     min_batch_size = int(spec.method_spec.given.get("min_batch_size", 16))
-    changes = restart_signal(model, images(), min_batch_size)
+    changes = restart_signal(model, images(), min_batch_size, signal)
     shifted = [i > 0 and segments[i] != segments[i - 1] for i in range(len(segments))]
     print(f"{len(changes)} batches, {sum(shifted)} domain changes")
     print("| restart_shift | restarts | at a domain change | elsewhere |")
@@ -184,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     sig.add_argument("overrides", nargs="*", help="Hydra overrides of the benchmark app (stream, model, seed)")
     sig.add_argument("--thresholds", default="0.3,0.4,0.5,0.6", help="comma-separated restart_shift values")
     sig.add_argument("--out", default=None, help="also write the per-batch signal as JSON here")
+    sig.add_argument("--signal", default="first_layer", choices=RESTART_SIGNALS, help="follow's restart_signal")
     rep = sub.add_parser("replay", help="error of follow on recorded streams, for each setting of a grid")
     rep.add_argument("recordings", nargs="+")
     rep.add_argument("--grid", default="[{}]", help='JSON list of hyperparameter dicts (default: "[{}]", the defaults)')
@@ -192,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         _record_command(args.out, args.overrides)
         return
     if args.command == "signal":
-        _signal_command(args.overrides, [float(t) for t in args.thresholds.split(",")], args.out)
+        _signal_command(args.overrides, [float(t) for t in args.thresholds.split(",")], args.out, args.signal)
         return
     recordings = {Path(p).stem: Recording.load(p) for p in args.recordings}
     print("| setting | " + " | ".join(recordings) + " |")

@@ -205,6 +205,12 @@
 # * Criterion: the fourth selection's.
 # * Evaluation streams (they only score): the fourth selection's (section eval5), only if the
 #   new candidate is chosen. Acceptance: as before.
+# RESULT, 00:22 UTC, from the development streams alone: the fourth selection's follow stays.
+#   Every layer at 0.14 is better on 10 of the 11 CIFAR-10-C streams (recurring twin 30.11 ->
+#   28.79, last visit 0.60 below the first; largest regret 5.59 -> 5.13), but infeasible:
+#   digits class-sorted 21.72 %, 0.64 above source (the digits model's class changes move its
+#   deeper layers as much as a corruption change); its mean regret is also higher (0.909
+#   against 0.823). eval5 was not run. docs/RESULTS.md, "Fifth selection".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

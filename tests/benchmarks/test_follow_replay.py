@@ -3,11 +3,13 @@ replay any detector setting, and get the error of a live run with that setting."
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 import tta
 from benchmarks.follow_replay import Recording, record, replay, restart_signal
-from tests.conftest import label_readout, labelled_batch
+from tests.conftest import label_readout, labelled_batch, small_bn_cnn
 
 
 def _stream() -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -67,3 +69,20 @@ def test_restart_signal_fires_where_the_method_restarts() -> None:
                 fired.append(bool(adapted.method.last_restart.item()))
         assert fired == [c is not None and c > shift for c in changes], shift
     assert 0 < sum(c is not None and c > 1.0 for c in changes) < len(batches) - 2
+
+
+def test_the_signal_of_every_layer_fires_where_the_method_restarts() -> None:
+    model = small_bn_cnn()
+    scales = [1.0, 1.0, 4.0, 4.0, 1.5, 0.5, 0.5, 3.0]
+    batches = [torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(i)) * s for i, s in enumerate(scales)]
+    batches.insert(3, torch.randn(4, 3, 8, 8) * 9.0)  # below min_batch_size
+    changes = restart_signal(model, batches, signal="all_layers")
+    assert changes[0] is None and changes[3] is None
+    for shift in (0.05, 0.2, 0.5):
+        adapted = tta.adapt(copy.deepcopy(model), "follow", restart_signal="all_layers", restart_shift=shift)
+        fired = []
+        for images in batches:
+            adapted(images)
+            fired.append(bool(adapted.method.last_restart.item()))
+        assert fired == [c is not None and c > shift for c in changes], shift
+    assert 0 < sum(c is not None and c > 0.2 for c in changes) < len(batches) - 2

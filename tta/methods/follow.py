@@ -73,9 +73,11 @@ class FollowHparams:
     #: input in the test-batch forward (run first then), where every layer normalizes by the
     #: batch's own statistics, so the signal still depends on the images alone; the change
     #: is averaged over the channels of each layer, then over the layers. Deeper layers tell
-    #: apart corruptions whose first-layer variances are alike (docs/RESULTS.md, fifth
-    #: selection). Batches below ``min_batch_size`` have no test-batch forward and never
-    #: restart either way
+    #: apart corruptions whose first-layer variances are alike, but on a small model class
+    #: changes move them as much: the fifth selection (docs/RESULTS.md) kept "first_layer"
+    #: (every layer at 0.14 gained 0.1 to 2.5 points on CIFAR-10-C and lost 1.0 on digits
+    #: class-sorted, 0.64 above source). Batches below ``min_batch_size`` have no test-batch
+    #: forward and never restart either way
     restart_signal: str = hparam("first_layer", choices=RESTART_SIGNALS)
     #: how a restart treats the classes. None: every class starts from the source statistics.
     #: A share: only where the stream's running agreement between the class-balanced and the
@@ -261,6 +263,12 @@ class Follow(StatisticsMethod):
       does (docs/RESULTS.md), and where it fires on a class change between one-class batches
       the classes not yet seen lose their statistics of the current domain: that trade is
       what the selection measured.
+      With ``restart_signal="all_layers"`` the test-batch forward runs first and the signal
+      reads every BatchNorm layer's input in it (each layer normalizes by the batch's own
+      statistics there, so the inputs are the images' alone too): the change above per
+      layer, averaged over the layers. Deeper layers tell apart corruptions whose first-layer
+      variances are alike; the fifth selection kept the first layer's signal, because on the
+      digits model class changes move the deeper layers as much.
     * **How a restart treats the classes** (``recentre_agreement``, fourth selection). A
       restart from the source statistics suits batches of several classes: what the last
       domain left in the class statistics hurts there. Where every batch holds one class and
@@ -276,8 +284,9 @@ class Follow(StatisticsMethod):
 
     Step on a batch x of n samples per stream:
 
-    0. with ``restart_shift`` set: while the first BatchNorm layer runs, the streams whose
-       input signal exceeds it start this step from the source statistics, or from the
+    0. with ``restart_shift`` set: while the first BatchNorm layer runs (with
+       ``restart_signal="all_layers"``: after the test-batch forward of step 4, run first),
+       the streams whose signal exceeds it start this step from the source statistics, or from the
        recentred ones where ``agreement <= recentre_agreement`` (steps 1 and 3);
     1. forward with the stored class-balanced statistics, nothing updated: the slow
        prediction ``o_slow`` and pseudo-labels ``y = argmax o_slow``;
@@ -337,12 +346,14 @@ class Follow(StatisticsMethod):
     Cost: three forwards per batch of at least ``min_batch_size`` (the test-batch one runs
     whatever the detector says, so that no step waits for the device: no host
     synchronisation), two below; one on models without BatchNorm. The restart signal adds
-    one variance over the first layer's input.
+    one variance over the first layer's input ("first_layer"), or a log per channel of the
+    variances the test-batch forward computes anyway ("all_layers").
     Under an objective (``"follow+tent"``) the layers behave as balanced_bn's unlabelled
     ones (a robust moving average) and neither the detector, the correction nor the restart
     runs.
-    ``last_correlated``, ``last_score`` and ``last_restart`` hold the latest step's ``(S,)``
-    flags, run-test z and restarts for monitoring.
+    ``last_correlated``, ``last_score``, ``last_restart`` and ``last_signal`` hold the latest
+    step's ``(S,)`` flags, run-test z, restarts and restart-signal changes (NaN where there is
+    no comparison) for monitoring.
     """
 
     name = "follow"
