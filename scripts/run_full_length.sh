@@ -10,7 +10,7 @@
 #
 # The method lists are the rows of docs/RESULTS.md's tables. Finished runs are skipped, so an
 # interrupted call resumes. A run takes 5 (statistics methods) to 25 minutes (sar) on one
-# core; by their step costs, rotta would take about 40 and cotta about 3.5 hours.
+# core (rotta about 40); cotta would take about 3.5 hours.
 # Environment: OUT (outputs/full_length), TTA_JOBS (parallel runs, one torch thread each;
 # 1), PY, and one variable per section
 # that replaces its method list (CONTINUAL_200, CONTINUAL_64, MIXED_200, CORRELATED_GN,
@@ -29,7 +29,7 @@ run() {  # run <name> <methods> <overrides...>
 }
 
 continual_batch200() {
-  run continual_batch200 "${CONTINUAL_200:-source,norm,tent,eta,lame,roid,cmf,sar,deyo,rbn,balanced_bn,follow}" \
+  run continual_batch200 "${CONTINUAL_200:-source,norm,tent,eta,lame,roid,cmf,sar,deyo,rbn,balanced_bn,rotta,follow}" \
     experiment=cifar10c_continual
 }
 continual_batch64() {
