@@ -49,7 +49,7 @@ correlated_gn() {
 # measured on every adapting batch against the source model in the same process, as the
 # official code does (one thread per run; the unconstrained errors are continual_batch200's).
 compute_aware() {
-  run continual_batch200_online_eta1 "${COMPUTE_AWARE:-source,norm,tent,eta,roid}" \
+  run continual_batch200_online_eta1 "${COMPUTE_AWARE:-source,norm,tent,eta,roid,lame,rbn,balanced_bn,follow,cmf}" \
     experiment=cifar10c_continual eval.online_eta=1.0
 }
 
