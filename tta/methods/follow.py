@@ -179,6 +179,11 @@ def input_signature(first_input: torch.Tensor, num_streams: int) -> torch.Tensor
     ...)``: ``(S, C)`` float32. Of the first BatchNorm layer's input it depends on the images
     and the layers before it alone."""
     _, var = stream_stats(first_input.detach(), num_streams)
+    return log_variance(var)
+
+
+def log_variance(var: torch.Tensor) -> torch.Tensor:
+    """The restart signal's log of a variance, clamped so that a dead channel stays finite."""
     return var.clamp_min(1e-12).log()
 
 
@@ -487,6 +492,21 @@ class Follow(StatisticsMethod):
             for layer in layers:
                 layer.batch_stats = False
 
+    def _signal_from_test_batch(
+        self, model: nn.Module, x: torch.Tensor, layers: list[FollowBatchNorm], n: int, update: bool
+    ) -> torch.Tensor:
+        """The test-batch forward, run first: every layer's input variances give the restart
+        signal (``restart_signal="all_layers"``) before the step's other forwards. The layers'
+        ``batch_var`` is cleared by :meth:`_predict`."""
+        for layer in layers:
+            layer.keep_batch_var = True
+        fast = self._test_batch_forward(model, x, layers)
+        variances = [layer.batch_var for layer in layers]
+        if any(var is None for var in variances):
+            raise RuntimeError(f"{self.name}: a BatchNorm layer did not run in the test-batch forward")
+        self._restart(log_variance(torch.cat(variances, 1)), n, layers, self.hparams.restart_shift, update)  # type: ignore[arg-type]
+        return fast
+
     def _forwards(self, model: nn.Module, x: torch.Tensor, layers: list[FollowBatchNorm], update: bool) -> torch.Tensor:
         hp = self.hparams
         with torch.no_grad():
@@ -497,16 +517,7 @@ class Follow(StatisticsMethod):
                 self.last_restart = torch.zeros_like(self.signature_seen)
                 self.last_signal = torch.full_like(self.agreement, torch.nan)
             if signal_everywhere and n >= hp.min_batch_size:
-                for layer in layers:
-                    layer.keep_batch_var = True
-                fast = self._test_batch_forward(model, x, layers)
-                variances = [layer.batch_var for layer in layers]
-                for layer in layers:
-                    layer.keep_batch_var, layer.batch_var = False, None
-                if any(var is None for var in variances):
-                    raise RuntimeError(f"{self.name}: a BatchNorm layer did not run in the test-batch forward")
-                signature = torch.cat(variances, 1).clamp_min(1e-12).log()  # type: ignore[arg-type]
-                self._restart(signature, n, layers, hp.restart_shift, update)
+                fast = self._signal_from_test_batch(model, x, layers, n, update)
             with frozen_layers(layers):
                 slow = model(x)
             check_class_output(slow, self._num_classes, self.name)
