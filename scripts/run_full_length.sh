@@ -32,9 +32,9 @@ continual_batch200() {
   run continual_batch200 "${CONTINUAL_200:-source,norm,tent,eta,lame,roid,cmf,sar,deyo,rbn,balanced_bn,rotta,follow}" \
     experiment=cifar10c_continual
 }
-# petta's divergence sensing reads 1,000 labelled training images (method.source_images); at
-# about 65 minutes on one core it checkpoints every 25 batches, so an interrupted call resumes
-# mid-stream
+# petta's divergence sensing reads 1,000 labelled training images (method.source_images); it
+# checkpoints every 25 batches, so an interrupted call resumes mid-stream (28 minutes on one
+# core)
 continual_batch200_petta() {
   run continual_batch200 petta experiment=cifar10c_continual method.source_images=1000 runtime.checkpoint_every=25
 }
