@@ -211,6 +211,25 @@
 #   digits class-sorted 21.72 %, 0.64 above source (the digits model's class changes move its
 #   deeper layers as much as a corruption change); its mean regret is also higher (0.909
 #   against 0.823). eval5 was not run. docs/RESULTS.md, "Fifth selection".
+#
+# SIXTH SELECTION, DECLARED on 2026-12-08 at 01:50 UTC, before any run of it: a restart
+# threshold relative to the stream's own changes, for the fifth selection's every-layer
+# signal, whose absolute threshold (0.14) fired 21 times inside a domain on digits
+# class-sorted and 50 times on digits Dirichlet at batch 16. New option restart_relative: a
+# restart also needs each layer's change, divided by the median of that layer's last
+# restart_window (16) changes, averaged over the layers, to exceed it. Probes of the signal
+# alone on development streams (the per-layer test-batch statistics of the source model, a
+# script), before this declaration, with the floor 0.14 kept: at 2.5, 50 of the recurring
+# twin's 74 domain changes (0.14 alone: 56), no alarm inside a domain on the CIFAR-10-C
+# streams measured, digits class-sorted 1 (21), digits Dirichlet batch 16 0 (50); at 3.0,
+# 31 of 74 and none inside a domain anywhere.
+# * Development streams (they choose): the fourth selection's 17. Candidates: the fourth
+#   selection's choice (its figures), the fifth's every-layer 0.14 (its figures, infeasible)
+#   and restart_signal=all_layers, restart_shift 0.14 with restart_relative 2.5 and 3.0
+#   (restart_window 16, recentre_agreement 0.5).
+# * Criterion: the fourth selection's.
+# * Evaluation streams (they only score): the fourth selection's (section eval6), only if a
+#   new candidate is chosen. Acceptance: as before.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -336,6 +355,11 @@ eval5() { eval_follow eval5 "$CHOSEN5"; }
 dev5() {  # fifth: the restart signal over every layer's test-batch input
   follow_dev dev5 $CHOSEN5
 }
+RELATIVE_GRID=${RELATIVE_GRID:-2.5,3.0}
+dev6() {  # sixth: that signal with a threshold relative to the stream's own changes
+  follow_dev dev6 $CHOSEN5 "+method.hparams.restart_relative=$RELATIVE_GRID"
+}
+
 eval_follow() {  # eval_follow <split> <follow overrides>: the chosen follow on the evaluation streams
   local E=$1 hp=($2)
   POOL=follow bn $E/bn_iid_300 "${C[@]}" seed=2 "${hp[@]}"
@@ -381,6 +405,6 @@ select_gn() {  # GroupNorm and LayerNorm (ViT) models
 }
 
 SECTIONS=("$@")
-[ ${#SECTIONS[@]} -gt 0 ] || SECTIONS=(dev_bn dev_digits dev_gn dev_vit eval_bn eval_bn_2000 eval_bn_long eval_digits eval_demo eval_gn eval_vit select_bn select_gn dev2 eval2 dev3 dev4 eval4 dev5 eval5)
+[ ${#SECTIONS[@]} -gt 0 ] || SECTIONS=(dev_bn dev_digits dev_gn dev_vit eval_bn eval_bn_2000 eval_bn_long eval_digits eval_demo eval_gn eval_vit select_bn select_gn dev2 eval2 dev3 dev4 eval4 dev5 eval5 dev6)
 mkdir -p "$OUT/eval"
 for section in "${SECTIONS[@]}"; do "$section"; done

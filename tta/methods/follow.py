@@ -25,6 +25,8 @@ from tta.surgery import find_norm_layers
 PATHS = ("detect", "slow", "fast")
 #: accepted values of ``restart_signal``: which BatchNorm inputs the restart reads
 RESTART_SIGNALS = ("first_layer", "all_layers")
+#: past changes a stream needs before ``restart_relative`` lets it restart
+RELATIVE_MIN_HISTORY = 4
 
 
 @dataclasses.dataclass
@@ -79,6 +81,17 @@ class FollowHparams:
     #: class-sorted, 0.64 above source). Batches below ``min_batch_size`` have no test-batch
     #: forward and never restart either way
     restart_signal: str = hparam("first_layer", choices=RESTART_SIGNALS)
+    #: a restart also needs the change to be large *for this stream and model*: each layer's
+    #: change divided by the median of that layer's last ``restart_window`` changes (those of
+    #: the stream's earlier batches of at least ``min_batch_size``), averaged over the
+    #: layers, must exceed this; None: the threshold ``restart_shift`` alone. Scale-free: a
+    #: model whose class changes move its layers as much as a corruption change does (the
+    #: digits model, fifth selection) sees large changes all the time, and a corruption
+    #: change stands out only against them. A stream restarts only after
+    #: ``RELATIVE_MIN_HISTORY`` (4) changes
+    restart_relative: float | None = hparam(None, low=0.0, low_open=True)
+    #: past changes per layer whose median ``restart_relative`` divides by
+    restart_window: int = hparam(16, low=RELATIVE_MIN_HISTORY)
     #: how a restart treats the classes. None: every class starts from the source statistics.
     #: A share: only where the stream's running agreement between the class-balanced and the
     #: test-batch predictions (``agreement``) is above it; at or below it (batches of one
@@ -187,14 +200,33 @@ def log_variance(var: torch.Tensor) -> torch.Tensor:
     return var.clamp_min(1e-12).log()
 
 
-def signature_change(signature: torch.Tensor, previous: torch.Tensor, widths: Sequence[int] | None = None) -> torch.Tensor:
-    """Per stream, the mean over channels of ``|signature - previous|``: ``(S,)``. With
-    ``widths`` (the channel counts of the layers whose signatures are concatenated along
-    dim 1), the mean over channels of each layer, then over the layers."""
+def layer_changes(signature: torch.Tensor, previous: torch.Tensor, widths: Sequence[int] | None = None) -> torch.Tensor:
+    """Per stream and layer, the mean over the layer's channels of ``|signature -
+    previous|``: ``(S, L)``. ``widths``: the channel counts of the ``L`` layers whose
+    signatures are concatenated along dim 1 (None: one layer)."""
     change = (signature - previous).abs()
     if widths is None or len(widths) == 1:
-        return change.mean(1)
-    return torch.stack([part.mean(1) for part in change.split(list(widths), 1)], 1).mean(1)
+        return change.mean(1, keepdim=True)
+    return torch.stack([part.mean(1) for part in change.split(list(widths), 1)], 1)
+
+
+def signature_change(signature: torch.Tensor, previous: torch.Tensor, widths: Sequence[int] | None = None) -> torch.Tensor:
+    """Per stream, the mean over layers of :func:`layer_changes`: ``(S,)``."""
+    return layer_changes(signature, previous, widths).mean(1)
+
+
+def relative_change(changes: torch.Tensor, history: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """Per stream, each layer's change divided by the median of its past changes, averaged
+    over the layers: ``(S,)``; NaN where a stream has fewer than ``RELATIVE_MIN_HISTORY``.
+
+    ``changes``: ``(S, L)``; ``history``: ``(S, W, L)``, newest last, of which the last
+    ``counted`` ``(S,)`` are filled. The median of an even count is the lower of the two
+    middle values (``torch.nanmedian``'s)."""
+    window = history.shape[1]
+    filled = torch.arange(window, device=history.device) >= (window - counted)[:, None]
+    baseline = torch.where(filled[:, :, None], history, torch.nan).nanmedian(1).values.clamp_min(1e-6)
+    ratio = (changes / baseline).mean(1)
+    return torch.where(counted >= RELATIVE_MIN_HISTORY, ratio, torch.nan)
 
 
 def streamwise_prior_correction(logits: torch.Tensor, num_streams: int) -> torch.Tensor:
@@ -356,9 +388,10 @@ class Follow(StatisticsMethod):
     Under an objective (``"follow+tent"``) the layers behave as balanced_bn's unlabelled
     ones (a robust moving average) and neither the detector, the correction nor the restart
     runs.
-    ``last_correlated``, ``last_score``, ``last_restart`` and ``last_signal`` hold the latest
-    step's ``(S,)`` flags, run-test z, restarts and restart-signal changes (NaN where there is
-    no comparison) for monitoring.
+    ``last_correlated``, ``last_score``, ``last_restart``, ``last_signal`` and
+    ``last_relative_signal`` hold the latest step's ``(S,)`` flags, run-test z, restarts,
+    restart-signal changes and relative changes (NaN where there is no comparison; the last
+    only with ``restart_relative``) for monitoring.
     """
 
     name = "follow"
@@ -377,14 +410,20 @@ class Follow(StatisticsMethod):
     #: samples, (S, C) float32; ``signature_seen`` (S,) bool: whether there was one
     previous_signature = state(lambda m: torch.zeros(0))
     signature_seen = state(lambda m: torch.zeros(0, dtype=torch.bool))
+    #: the last ``restart_window`` per-layer changes of the restart signal, newest last,
+    #: (S, W, L) float32 (kept only with ``restart_relative``); ``history_count`` (S,) long:
+    #: how many of them are filled (zeros before that: NaN would mark the step as failed)
+    signal_history = state(lambda m: torch.zeros(0))
+    history_count = state(lambda m: torch.zeros(0, dtype=torch.long))
     #: running average of the share of samples on which the class-balanced and the
     #: test-batch predictions agree, (S,) float32 (1 before any batch)
     agreement = state(lambda m: torch.zeros(0))
-    monitoring = ("last_correlated", "last_score", "last_restart", "last_signal")
+    monitoring = ("last_correlated", "last_score", "last_restart", "last_signal", "last_relative_signal")
     last_correlated: torch.Tensor | None = None
     last_score: torch.Tensor | None = None
     last_restart: torch.Tensor | None = None
     last_signal: torch.Tensor | None = None
+    last_relative_signal: torch.Tensor | None = None
 
     def convert(self, model: nn.Module) -> nn.Module:
         self._num_classes = self.hparams.num_classes or infer_num_classes(model, self.name)
@@ -399,6 +438,9 @@ class Follow(StatisticsMethod):
         self._signal_widths = self.signal_widths(layers)
         self.previous_signature = torch.zeros(self.num_streams, sum(self._signal_widths), device=device)
         self.signature_seen = torch.zeros(self.num_streams, dtype=torch.bool, device=device)
+        window = self.hparams.restart_window if self.hparams.restart_relative is not None else 0
+        self.signal_history = torch.zeros(self.num_streams, window, len(self._signal_widths), device=device)
+        self.history_count = torch.zeros(self.num_streams, dtype=torch.long, device=device)
         self.agreement = torch.ones(self.num_streams, device=device)
         return model
 
@@ -449,8 +491,14 @@ class Follow(StatisticsMethod):
         synchronisation."""
         hp = self.hparams
         seen = self.signature_seen.to(signature.device) & (n >= hp.min_batch_size)
-        change = signature_change(signature, self.previous_signature.to(signature.device), self._signal_widths)
+        changes = layer_changes(signature, self.previous_signature.to(signature.device), self._signal_widths)
+        change = changes.mean(1)
         restart = seen & (change > shift)
+        relative = history = None
+        if hp.restart_relative is not None:
+            history = self.signal_history.to(signature.device)
+            relative = relative_change(changes, history, self.history_count.to(signature.device))
+            restart = restart & (relative > hp.restart_relative)  # NaN (too little history) compares False
         recentre = None
         if hp.recentre_agreement is not None:
             recentre = self.agreement.to(signature.device) <= hp.recentre_agreement
@@ -458,6 +506,12 @@ class Follow(StatisticsMethod):
             layer.restart, layer.recentre = restart, recentre
         if update:
             self.last_restart, self.last_signal = restart, torch.where(seen, change, torch.nan)
+            if relative is not None:
+                self.last_relative_signal = torch.where(seen, relative, torch.nan)
+            if history is not None and n >= hp.min_batch_size:
+                appended = torch.cat([history[:, 1:], changes[:, None]], 1)
+                self.signal_history = torch.where(seen[:, None, None], appended, history)
+                self.history_count = (self.history_count.to(seen.device) + seen.long()).clamp_max(history.shape[1])
             if n >= hp.min_batch_size:
                 self.previous_signature = signature
                 self.signature_seen = torch.ones_like(self.signature_seen)
@@ -516,6 +570,8 @@ class Follow(StatisticsMethod):
             if signal_everywhere and n < hp.min_batch_size and update:
                 self.last_restart = torch.zeros_like(self.signature_seen)
                 self.last_signal = torch.full_like(self.agreement, torch.nan)
+                if hp.restart_relative is not None:
+                    self.last_relative_signal = self.last_signal
             if signal_everywhere and n >= hp.min_batch_size:
                 fast = self._signal_from_test_batch(model, x, layers, n, update)
             with frozen_layers(layers):
