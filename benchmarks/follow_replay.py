@@ -5,6 +5,7 @@ seconds.
     python -m benchmarks.follow_replay replay out.pt [more.pt ...] --grid '[{}, {"hold": 2048}]'
     python -m benchmarks.follow_replay signal experiment=cifar10c_continual seed=1 --thresholds 0.3,0.4
     python -m benchmarks.follow_replay signal experiment=cifar10c_continual seed=1 --signal all_layers --thresholds 0.14
+    python -m benchmarks.follow_replay signal experiment=digits_quick seed=0 --signal all_layers --thresholds 0.14 --relative 2.5,3
 
 ``follow``'s two paths do not depend on its detector: the class-balanced statistics update
 on every batch with the slow path's own labels, and the test-batch forward runs on every
@@ -138,6 +139,31 @@ def restart_signal(
     return changes
 
 
+def relative_restart_signal(
+    model: nn.Module, batches: Iterable[torch.Tensor], min_batch_size: int = 16, signal: str = "first_layer", window: int = 16
+) -> tuple[list[float | None], list[float | None]]:
+    """Per batch, the restart signal's change (as :func:`restart_signal`) and its ratio to the
+    stream's own past changes (``follow``'s ``restart_relative`` with ``restart_window=window``;
+    ``None`` where there is none). ``follow`` with ``restart_shift=t`` and
+    ``restart_relative=k`` restarts exactly where the change exceeds ``t`` and the ratio
+    ``k``. Both come from ``follow`` itself, with thresholds that nothing reaches (the
+    history holds the changes, whatever restarts)."""
+    adapted = tta.adapt(
+        copy.deepcopy(model), "follow", restart_signal=signal, restart_shift=math.inf, restart_relative=math.inf,
+        restart_window=window, min_batch_size=min_batch_size,
+    )
+    if not Follow.layers(adapted.model):
+        raise ValueError("the model has no BatchNorm layer: follow has nothing to restart")
+    changes: list[float | None] = []
+    ratios: list[float | None] = []
+    for images in batches:
+        adapted(images)
+        change, ratio = float(adapted.method.last_signal[0]), float(adapted.method.last_relative_signal[0])
+        changes.append(None if math.isnan(change) else change)
+        ratios.append(None if math.isnan(ratio) else ratio)
+    return changes, ratios
+
+
 def _signal_of_every_layer(model: nn.Module, batches: Iterable[torch.Tensor], min_batch_size: int) -> list[float | None]:
     adapted = tta.adapt(
         copy.deepcopy(model), "follow", restart_signal="all_layers", restart_shift=math.inf, min_batch_size=min_batch_size
@@ -168,7 +194,9 @@ def _configured(overrides: Sequence[str]) -> tuple[Any, nn.Module, Any]:
     return spec, model, build_stream(spec.stream)
 
 
-def _signal_command(overrides: Sequence[str], thresholds: Sequence[float], out: str | None, signal: str) -> None:
+def _signal_command(
+    overrides: Sequence[str], thresholds: Sequence[float], out: str | None, signal: str, relative: Sequence[float], window: int
+) -> None:
     spec, model, stream = _configured(overrides)
     segments: list[int] = []
 
@@ -178,17 +206,28 @@ def _signal_command(overrides: Sequence[str], thresholds: Sequence[float], out: 
             yield batch.images
 
     min_batch_size = int(spec.method_spec.given.get("min_batch_size", 16))
-    changes = restart_signal(model, images(), min_batch_size, signal)
+    ratios: list[float | None] = []
+    if relative:
+        changes, ratios = relative_restart_signal(model, images(), min_batch_size, signal, window)
+    else:
+        changes = restart_signal(model, images(), min_batch_size, signal)
     shifted = [i > 0 and segments[i] != segments[i - 1] for i in range(len(segments))]
     print(f"{len(changes)} batches, {sum(shifted)} domain changes")
-    print("| restart_shift | restarts | at a domain change | elsewhere |")
-    print("|---|---|---|---|")
+    print("| restart_shift | restart_relative | restarts | at a domain change | elsewhere |")
+    print("|---|---|---|---|---|")
     for threshold in thresholds:
-        fired = [c is not None and c > threshold for c in changes]
-        at_change = sum(f and s for f, s in zip(fired, shifted))
-        print(f"| {threshold} | {sum(fired)} | {at_change} | {sum(fired) - at_change} |")
+        for k in relative or [None]:
+            fired = [
+                c is not None and c > threshold and (k is None or (r is not None and r > k))
+                for c, r in zip(changes, ratios or changes)
+            ]
+            at_change = sum(f and s for f, s in zip(fired, shifted))
+            print(f"| {threshold} | {'-' if k is None else k} | {sum(fired)} | {at_change} | {sum(fired) - at_change} |")
     if out:
-        Path(out).write_text(json.dumps({"overrides": list(overrides), "change": changes, "segment": segments}))
+        record_ = {"overrides": list(overrides), "change": changes, "segment": segments}
+        if relative:
+            record_["relative"] = ratios
+        Path(out).write_text(json.dumps(record_))
 
 
 def _record_command(out: str, overrides: Sequence[str]) -> None:
@@ -209,6 +248,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     sig.add_argument("--thresholds", default="0.3,0.4,0.5,0.6", help="comma-separated restart_shift values")
     sig.add_argument("--out", default=None, help="also write the per-batch signal as JSON here")
     sig.add_argument("--signal", default="first_layer", choices=RESTART_SIGNALS, help="follow's restart_signal")
+    sig.add_argument("--relative", default="", help="comma-separated restart_relative values (default: none)")
+    sig.add_argument("--window", type=int, default=16, help="follow's restart_window, with --relative")
     rep = sub.add_parser("replay", help="error of follow on recorded streams, for each setting of a grid")
     rep.add_argument("recordings", nargs="+")
     rep.add_argument("--grid", default="[{}]", help='JSON list of hyperparameter dicts (default: "[{}]", the defaults)')
@@ -217,7 +258,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         _record_command(args.out, args.overrides)
         return
     if args.command == "signal":
-        _signal_command(args.overrides, [float(t) for t in args.thresholds.split(",")], args.out, args.signal)
+        relative = [float(k) for k in args.relative.split(",") if k]
+        _signal_command(args.overrides, [float(t) for t in args.thresholds.split(",")], args.out, args.signal, relative, args.window)
         return
     recordings = {Path(p).stem: Recording.load(p) for p in args.recordings}
     print("| setting | " + " | ".join(recordings) + " |")

@@ -8,7 +8,7 @@ import copy
 import torch
 
 import tta
-from benchmarks.follow_replay import Recording, record, replay, restart_signal
+from benchmarks.follow_replay import Recording, record, relative_restart_signal, replay, restart_signal
 from tests.conftest import label_readout, labelled_batch, small_bn_cnn
 
 
@@ -86,3 +86,24 @@ def test_the_signal_of_every_layer_fires_where_the_method_restarts() -> None:
             fired.append(bool(adapted.method.last_restart.item()))
         assert fired == [c is not None and c > shift for c in changes], shift
     assert 0 < sum(c is not None and c > 0.2 for c in changes) < len(batches) - 2
+
+
+def test_the_relative_signal_fires_where_the_method_restarts() -> None:
+    model = small_bn_cnn()
+    scales = [1.0, 1.1, 0.9, 1.0, 1.05, 4.0, 4.0, 1.0, 4.0, 1.0, 1.0, 3.0]
+    batches = [torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(i)) * s for i, s in enumerate(scales)]
+    batches.insert(6, torch.randn(4, 3, 8, 8) * 9.0)  # below min_batch_size
+    changes, ratios = relative_restart_signal(model, batches, signal="all_layers", window=4)
+    assert changes == restart_signal(model, batches, signal="all_layers")
+    assert ratios[:5] == [None] * 5 and ratios[6] is None and all(r is not None for r in ratios[7:])
+    for shift, k in ((0.01, 1.5), (0.01, 4.0), (0.3, 1.5)):
+        adapted = tta.adapt(
+            copy.deepcopy(model), "follow", restart_signal="all_layers", restart_shift=shift, restart_relative=k, restart_window=4
+        )
+        fired = []
+        for images in batches:
+            adapted(images)
+            fired.append(bool(adapted.method.last_restart.item()))
+        assert fired == [c is not None and r is not None and c > shift and r > k for c, r in zip(changes, ratios)], (shift, k)
+    fired_at = [c is not None and r is not None and c > 0.01 and r > 1.5 for c, r in zip(changes, ratios)]
+    assert 0 < sum(fired_at) < sum(c is not None and c > 0.01 for c in changes)

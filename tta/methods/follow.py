@@ -306,6 +306,12 @@ class Follow(StatisticsMethod):
       layer, averaged over the layers. Deeper layers tell apart corruptions whose first-layer
       variances are alike; the fifth selection kept the first layer's signal, because on the
       digits model class changes move the deeper layers as much.
+      With ``restart_relative`` a restart also needs the change to stand out against the
+      stream's own: each layer's change divided by the median of that layer's last
+      ``restart_window`` changes (:func:`relative_change`), averaged over the layers, above
+      it. An absolute threshold cannot serve a model whose class changes move its layers as
+      much as a corruption change does and one where they barely move them; a ratio to the
+      stream's usual change can.
     * **How a restart treats the classes** (``recentre_agreement``, fourth selection). A
       restart from the source statistics suits batches of several classes: what the last
       domain left in the class statistics hurts there. Where every batch holds one class and
@@ -323,7 +329,8 @@ class Follow(StatisticsMethod):
 
     0. with ``restart_shift`` set: while the first BatchNorm layer runs (with
        ``restart_signal="all_layers"``: after the test-batch forward of step 4, run first),
-       the streams whose signal exceeds it start this step from the source statistics, or from the
+       the streams whose signal exceeds it (and, with ``restart_relative``, whose relative
+       change exceeds that) start this step from the source statistics, or from the
        recentred ones where ``agreement <= recentre_agreement`` (steps 1 and 3);
     1. forward with the stored class-balanced statistics, nothing updated: the slow
        prediction ``o_slow`` and pseudo-labels ``y = argmax o_slow``;
