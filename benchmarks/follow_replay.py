@@ -59,15 +59,19 @@ def record(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]
     adapted = tta.adapt(model, "follow", **hparams)
     outputs: list[torch.Tensor] = []
     adapted.model.register_forward_hook(lambda _module, _inputs, out: outputs.append(out.detach().float()))
-    min_batch_size = adapted.method.hparams.min_batch_size
+    hp = adapted.method.hparams
+    # forwards in step order: slow (frozen), update, then test-batch statistics; the
+    # every-layer restart signal runs the test-batch forward first
+    fast_first = hp.restart_signal == "all_layers" and hp.restart_shift is not None
     rec = Recording([], [], [])
     with torch.no_grad():
         for images, labels in batches:
             outputs.clear()
             adapted(images)
-            # forwards in step order: slow (frozen), update, then test-batch statistics
-            rec.slow.append(outputs[0].cpu())
-            rec.fast.append(outputs[2].cpu() if len(images) >= min_batch_size else None)
+            full = len(images) >= hp.min_batch_size
+            slow_at, fast_at = (1, 0) if fast_first and full else (0, 2)
+            rec.slow.append(outputs[slow_at].cpu())
+            rec.fast.append(outputs[fast_at].cpu() if full else None)
             rec.labels.append(labels.cpu())
     return rec
 

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 import tta
 from benchmarks.follow_replay import Recording, record, relative_restart_signal, replay, restart_signal
 from tests.conftest import label_readout, labelled_batch, small_bn_cnn
+
+#: the first layer's signal with an absolute threshold alone (the fourth selection's)
+FIRST_LAYER = {"restart_signal": "first_layer", "restart_relative": None}
 
 
 def _stream() -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -37,9 +41,11 @@ def _live_error(batches: list[tuple[torch.Tensor, torch.Tensor]], **hparams: obj
     return 100.0 * errors / total
 
 
-def test_replay_equals_live_runs_of_any_detector_setting(tmp_path) -> None:
+@pytest.mark.parametrize("recorded", [{}, FIRST_LAYER], ids=["defaults", "first_layer"])
+def test_replay_equals_live_runs_of_any_detector_setting(tmp_path, recorded: dict[str, object]) -> None:
+    """Either signal: the every-layer one (the default) runs the test-batch forward first."""
     batches = _stream()
-    rec = record(label_readout(), batches)
+    rec = record(label_readout(), batches, **recorded)
     rec.save(tmp_path / "rec.pt")
     rec = Recording.load(tmp_path / "rec.pt")
     assert rec.fast[-1] is None and rec.fast[0] is not None
@@ -47,8 +53,8 @@ def test_replay_equals_live_runs_of_any_detector_setting(tmp_path) -> None:
                 {"paths": "slow"}, {"prior_correction": False, "hold": 48}]
     errors = []
     for setting in settings:
-        replayed = replay(rec, **setting)
-        assert abs(replayed - _live_error(batches, **setting)) < 1e-9, setting
+        replayed = replay(rec, **recorded, **setting)
+        assert abs(replayed - _live_error(batches, **recorded, **setting)) < 1e-9, setting
         errors.append(replayed)
     assert len(set(errors)) >= 3  # the settings make a difference on this stream
 
@@ -61,7 +67,7 @@ def test_restart_signal_fires_where_the_method_restarts() -> None:
     changes = restart_signal(label_readout(), batches)
     assert changes[0] is None and changes[3] is None
     for shift in (0.3, 1.0, 2.0):
-        adapted = tta.adapt(label_readout(), "follow", restart_shift=shift)
+        adapted = tta.adapt(label_readout(), "follow", **FIRST_LAYER, restart_shift=shift)
         fired = []
         with torch.no_grad():
             for images in batches:
@@ -79,7 +85,9 @@ def test_the_signal_of_every_layer_fires_where_the_method_restarts() -> None:
     changes = restart_signal(model, batches, signal="all_layers")
     assert changes[0] is None and changes[3] is None
     for shift in (0.05, 0.2, 0.5):
-        adapted = tta.adapt(copy.deepcopy(model), "follow", restart_signal="all_layers", restart_shift=shift)
+        adapted = tta.adapt(
+            copy.deepcopy(model), "follow", restart_signal="all_layers", restart_relative=None, restart_shift=shift
+        )
         fired = []
         for images in batches:
             adapted(images)

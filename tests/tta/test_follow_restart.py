@@ -1,6 +1,7 @@
-"""follow's restart at a domain change (``restart_shift``): the signal is the first BatchNorm
-layer's input alone, a restart is exactly a fresh start from the source statistics, and it is
-per stream, guarded, and invisible to ``predict``."""
+"""follow's restart at a domain change (``restart_shift``) with the first BatchNorm layer's
+signal (``restart_signal="first_layer"``, no relative threshold): the signal is that layer's
+input alone, a restart is exactly a fresh start from the source statistics, and it is per
+stream, guarded, and invisible to ``predict``."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from tta.layers.follow_bn import FollowBatchNorm
 from tta.methods.follow import input_signature, signature_change
 
 SORTED = [0] * 8 + [1] * 8 + [2] * 8 + [3] * 8
+#: the fourth selection's signal: the first layer's input, an absolute threshold alone
+FIRST_LAYER = {"restart_signal": "first_layer", "restart_relative": None}
 
 
 def _buffers(adapted: tta.Adapted) -> dict[str, torch.Tensor]:
@@ -48,12 +51,12 @@ def test_signature_hand_computed() -> None:
 
 
 def test_a_restart_is_a_fresh_start_from_the_source_statistics() -> None:
-    adapted = tta.adapt(label_readout(), "follow", restart_shift=1.0, recentre_agreement=None, paths="slow")
+    adapted = tta.adapt(label_readout(), "follow", **FIRST_LAYER, restart_shift=1.0, recentre_agreement=None, paths="slow")
     _warm(adapted)
     shifted = labelled_batch(SORTED, seed=9) * 5.0  # variance x25: log change 3.2 per channel
     out = adapted(shifted)
     assert adapted.method.last_restart.tolist() == [True]
-    fresh = tta.adapt(label_readout(), "follow", restart_shift=None, paths="slow")
+    fresh = tta.adapt(label_readout(), "follow", **FIRST_LAYER, restart_shift=None, paths="slow")
     fresh_out = fresh(shifted)
     for name, value in _buffers(fresh).items():
         torch.testing.assert_close(_buffers(adapted)[name], value, msg=name)
@@ -61,24 +64,24 @@ def test_a_restart_is_a_fresh_start_from_the_source_statistics() -> None:
 
 
 def test_no_restart_within_a_domain_on_the_first_batch_or_when_off() -> None:
-    adapted = tta.adapt(label_readout(), "follow", restart_shift=1.0)
+    adapted = tta.adapt(label_readout(), "follow", **FIRST_LAYER, restart_shift=1.0)
     flags = []
     for seed in range(5):
         adapted(labelled_batch(SORTED, seed=seed))
         flags.append(adapted.method.last_restart.item())
     assert flags == [False] * 5
-    off = tta.adapt(label_readout(), "follow", restart_shift=None)
+    off = tta.adapt(label_readout(), "follow", **FIRST_LAYER, restart_shift=None)
     _warm(off)
     off(labelled_batch(SORTED, seed=9) * 5.0)
     assert off.method.last_restart is None
     # without restarts the stored statistics keep the earlier batches (they differ from a fresh start)
-    fresh = tta.adapt(label_readout(), "follow", restart_shift=None)
+    fresh = tta.adapt(label_readout(), "follow", **FIRST_LAYER, restart_shift=None)
     fresh(labelled_batch(SORTED, seed=9) * 5.0)
     assert not torch.allclose(_buffers(off)["global_var"], _buffers(fresh)["global_var"])
 
 
 def test_small_batches_neither_restart_nor_move_the_reference() -> None:
-    adapted = tta.adapt(label_readout(), "follow", restart_shift=1.0)
+    adapted = tta.adapt(label_readout(), "follow", **FIRST_LAYER, restart_shift=1.0)
     _warm(adapted, 2)
     reference = adapted.method.previous_signature.clone()
     adapted(labelled_batch([0, 1, 2, 3], seed=7) * 5.0)  # 4 < min_batch_size: no test, no update
@@ -89,8 +92,8 @@ def test_small_batches_neither_restart_nor_move_the_reference() -> None:
 
 
 def test_streams_restart_independently() -> None:
-    multi = tta.adapt(label_readout(), "follow", restart_shift=1.0, paths="slow", num_streams=2)
-    singles = [tta.adapt(label_readout(), "follow", restart_shift=1.0, paths="slow") for _ in range(2)]
+    multi = tta.adapt(label_readout(), "follow", **FIRST_LAYER, restart_shift=1.0, paths="slow", num_streams=2)
+    singles = [tta.adapt(label_readout(), "follow", **FIRST_LAYER, restart_shift=1.0, paths="slow") for _ in range(2)]
     for seed in range(3):
         x = labelled_batch(SORTED, seed=seed)
         multi(torch.cat([x, x]))
@@ -104,7 +107,7 @@ def test_streams_restart_independently() -> None:
 
 
 def test_predict_sees_the_restart_and_changes_nothing() -> None:
-    adapted = tta.adapt(label_readout(), "follow", restart_shift=1.0, paths="slow")
+    adapted = tta.adapt(label_readout(), "follow", **FIRST_LAYER, restart_shift=1.0, paths="slow")
     _warm(adapted)
     shifted = labelled_batch(SORTED, seed=9) * 5.0
     before = {k: v.clone() for k, v in adapted.state_dict().items() if isinstance(v, torch.Tensor)}
@@ -120,7 +123,7 @@ def test_predict_sees_the_restart_and_changes_nothing() -> None:
 
 
 def test_a_bad_batch_moves_nothing_and_the_layers_are_left_clean() -> None:
-    adapted = tta.adapt(label_readout(), "follow", restart_shift=1.0)
+    adapted = tta.adapt(label_readout(), "follow", **FIRST_LAYER, restart_shift=1.0)
     _warm(adapted)
     before = {k: v.clone() for k, v in adapted.state_dict().items() if isinstance(v, torch.Tensor)}
     signature = adapted.method.previous_signature.clone()
@@ -135,15 +138,16 @@ def test_a_bad_batch_moves_nothing_and_the_layers_are_left_clean() -> None:
     assert layer.restart is None and layer.watch is None
 
 
-def test_defaults_are_the_fourth_selection() -> None:
+def test_defaults_are_the_sixth_selection() -> None:
     hp = tta.build_method("follow").hparams
-    assert (hp.restart_shift, hp.recentre_agreement, hp.agreement_rate) == (0.4, 0.5, 0.1)
+    assert (hp.restart_signal, hp.restart_shift, hp.restart_relative, hp.restart_window) == ("all_layers", 0.14, 2.5, 16)
+    assert (hp.recentre_agreement, hp.agreement_rate) == (0.5, 0.1)
 
 
 def test_restart_shift_is_checked() -> None:
     for bad in (0.0, -1.0):
         with pytest.raises(ValueError, match="restart_shift"):
-            tta.adapt(label_readout(), "follow", restart_shift=bad)
+            tta.adapt(label_readout(), "follow", **FIRST_LAYER, restart_shift=bad)
 
 
 # -- the restart that recentres (recentre_agreement) -----------------------------------------
@@ -183,7 +187,7 @@ def _shifted() -> torch.Tensor:
 
 
 def test_a_recentring_restart_starts_from_the_recentred_statistics() -> None:
-    adapted = tta.adapt(label_readout(), "follow", restart_shift=1.0, recentre_agreement=0.5, paths="slow")
+    adapted = tta.adapt(label_readout(), "follow", **FIRST_LAYER, restart_shift=1.0, recentre_agreement=0.5, paths="slow")
     _warm(adapted)
     adapted.method.agreement = torch.zeros(1)  # at or below the share: recentre
     # the twin starts the same step from the recentred statistics written into its buffers
@@ -205,18 +209,18 @@ def test_a_recentring_restart_starts_from_the_recentred_statistics() -> None:
         torch.testing.assert_close(_buffers(adapted)[name], value, msg=name)
     torch.testing.assert_close(out, twin_out)
     # and it is not the restart from the source statistics
-    fresh = tta.adapt(label_readout(), "follow", restart_shift=None, paths="slow")
+    fresh = tta.adapt(label_readout(), "follow", **FIRST_LAYER, restart_shift=None, paths="slow")
     fresh(_shifted())
     assert not torch.allclose(_buffers(fresh)["local_mean"], _buffers(adapted)["local_mean"])
 
 
 def test_above_the_share_the_restart_is_a_fresh_start() -> None:
-    adapted = tta.adapt(label_readout(), "follow", restart_shift=1.0, recentre_agreement=0.5, paths="slow")
+    adapted = tta.adapt(label_readout(), "follow", **FIRST_LAYER, restart_shift=1.0, recentre_agreement=0.5, paths="slow")
     _warm(adapted)
     adapted.method.agreement = torch.full((1,), 0.6)
     out = adapted(_shifted())
     assert adapted.method.last_restart.tolist() == [True]
-    fresh = tta.adapt(label_readout(), "follow", restart_shift=None, paths="slow")
+    fresh = tta.adapt(label_readout(), "follow", **FIRST_LAYER, restart_shift=None, paths="slow")
     fresh_out = fresh(_shifted())
     for name, value in _buffers(fresh).items():
         torch.testing.assert_close(_buffers(adapted)[name], value, msg=name)
@@ -224,7 +228,7 @@ def test_above_the_share_the_restart_is_a_fresh_start() -> None:
 
 
 def test_agreement_is_a_running_average_of_slow_and_test_batch_predictions() -> None:
-    adapted = tta.adapt(label_readout(), "follow", restart_shift=1.0, recentre_agreement=0.5, agreement_rate=0.25)
+    adapted = tta.adapt(label_readout(), "follow", **FIRST_LAYER, restart_shift=1.0, recentre_agreement=0.5, agreement_rate=0.25)
     assert adapted.method.agreement.tolist() == [1.0]
     x = labelled_batch(SORTED, seed=3)
     x[:, 0] += 3.5  # a shift of channel 0 that the test batch's statistics remove and the source's do not
@@ -250,6 +254,6 @@ def test_agreement_is_a_running_average_of_slow_and_test_batch_predictions() -> 
 def test_recentre_agreement_is_checked() -> None:
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="recentre_agreement"):
-            tta.adapt(label_readout(), "follow", restart_shift=0.5, recentre_agreement=bad)
+            tta.adapt(label_readout(), "follow", **FIRST_LAYER, restart_shift=0.5, recentre_agreement=bad)
     with pytest.raises(ValueError, match="agreement_rate"):
         tta.adapt(label_readout(), "follow", agreement_rate=0.0)

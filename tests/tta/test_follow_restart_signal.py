@@ -72,7 +72,8 @@ def test_it_restarts_exactly_above_the_threshold_and_as_a_fresh_start() -> None:
     signal = _signal_by_hand(model, _inputs(5, scale=3.0), _inputs(4))
     for shift, fires in ((signal * 0.99, True), (signal * 1.01, False)):
         adapted = tta.adapt(
-            copy.deepcopy(model), "follow", restart_signal="all_layers", restart_shift=shift, recentre_agreement=None, paths="slow"
+            copy.deepcopy(model), "follow", restart_signal="all_layers", restart_relative=None, restart_shift=shift,
+            recentre_agreement=None, paths="slow",
         )
         for seed in range(5):
             adapted(_inputs(seed))
@@ -92,7 +93,10 @@ def test_the_first_layer_alone_misses_a_change_only_deeper_layers_see() -> None:
     alone (a per-sample sign flip of the input keeps it) but not the deeper ones restarts."""
     model = small_bn_cnn()
     calm, flipped = _inputs(3), -_inputs(3)
-    first = [tta.adapt(copy.deepcopy(model), "follow", restart_shift=0.02, restart_signal=s) for s in ("first_layer", "all_layers")]
+    first = [
+        tta.adapt(copy.deepcopy(model), "follow", restart_shift=0.02, restart_signal=s, restart_relative=None)
+        for s in ("first_layer", "all_layers")
+    ]
     for adapted in first:
         adapted(calm)
         adapted(flipped)
@@ -104,7 +108,7 @@ def test_the_first_layer_alone_misses_a_change_only_deeper_layers_see() -> None:
 
 
 def test_small_batches_have_no_signal_and_keep_the_reference() -> None:
-    adapted = tta.adapt(small_bn_cnn(), "follow", restart_signal="all_layers", restart_shift=0.01)
+    adapted = tta.adapt(small_bn_cnn(), "follow", restart_signal="all_layers", restart_relative=None, restart_shift=0.01)
     adapted(_inputs(0))
     adapted(_inputs(1))
     reference = adapted.method.previous_signature.clone()
@@ -115,7 +119,7 @@ def test_small_batches_have_no_signal_and_keep_the_reference() -> None:
 
 
 def test_predict_changes_nothing_and_a_bad_batch_moves_nothing() -> None:
-    adapted = tta.adapt(small_bn_cnn(), "follow", restart_signal="all_layers", restart_shift=0.01)
+    adapted = tta.adapt(small_bn_cnn(), "follow", restart_signal="all_layers", restart_relative=None, restart_shift=0.01)
     for seed in range(3):
         adapted(_inputs(seed))
     before = {k: v.clone() for k, v in adapted.state_dict().items() if isinstance(v, torch.Tensor)}
@@ -134,8 +138,9 @@ def test_predict_changes_nothing_and_a_bad_batch_moves_nothing() -> None:
 
 def test_streams_get_their_own_signal() -> None:
     model = small_bn_cnn()
-    multi = tta.adapt(copy.deepcopy(model), "follow", restart_signal="all_layers", restart_shift=0.2, num_streams=2)
-    singles = [tta.adapt(copy.deepcopy(model), "follow", restart_signal="all_layers", restart_shift=0.2) for _ in range(2)]
+    absolute = {"restart_signal": "all_layers", "restart_relative": None, "restart_shift": 0.2}
+    multi = tta.adapt(copy.deepcopy(model), "follow", **absolute, num_streams=2)
+    singles = [tta.adapt(copy.deepcopy(model), "follow", **absolute) for _ in range(2)]
     for seed in range(3):
         multi(torch.cat([_inputs(seed), _inputs(seed)]))
         for single in singles:
