@@ -144,17 +144,22 @@ def restart_signal(
 
 
 def relative_restart_signal(
-    model: nn.Module, batches: Iterable[torch.Tensor], min_batch_size: int = 16, signal: str = "first_layer", window: int = 16
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    min_batch_size: int = 16,
+    signal: str = "first_layer",
+    window: int = 16,
+    min_history: int = 4,
 ) -> tuple[list[float | None], list[float | None]]:
     """Per batch, the restart signal's change (as :func:`restart_signal`) and its ratio to the
-    stream's own past changes (``follow``'s ``restart_relative`` with ``restart_window=window``;
-    ``None`` where there is none). ``follow`` with ``restart_shift=t`` and
+    stream's own past changes (``follow``'s ``restart_relative`` with ``restart_window=window``
+    and ``restart_min_history=min_history``; ``None`` where there is none). ``follow`` with ``restart_shift=t`` and
     ``restart_relative=k`` restarts exactly where the change exceeds ``t`` and the ratio
     ``k``. Both come from ``follow`` itself, with thresholds that nothing reaches (the
     history holds the changes, whatever restarts)."""
     adapted = tta.adapt(
         copy.deepcopy(model), "follow", restart_signal=signal, restart_shift=math.inf, restart_relative=math.inf,
-        restart_window=window, min_batch_size=min_batch_size,
+        restart_window=window, restart_min_history=min_history, min_batch_size=min_batch_size,
     )
     if not Follow.layers(adapted.model):
         raise ValueError("the model has no BatchNorm layer: follow has nothing to restart")
@@ -199,7 +204,13 @@ def _configured(overrides: Sequence[str]) -> tuple[Any, nn.Module, Any]:
 
 
 def _signal_command(
-    overrides: Sequence[str], thresholds: Sequence[float], out: str | None, signal: str, relative: Sequence[float], window: int
+    overrides: Sequence[str],
+    thresholds: Sequence[float],
+    out: str | None,
+    signal: str,
+    relative: Sequence[float],
+    window: int,
+    min_history: int,
 ) -> None:
     spec, model, stream = _configured(overrides)
     segments: list[int] = []
@@ -212,7 +223,7 @@ def _signal_command(
     min_batch_size = int(spec.method_spec.given.get("min_batch_size", 16))
     ratios: list[float | None] = []
     if relative:
-        changes, ratios = relative_restart_signal(model, images(), min_batch_size, signal, window)
+        changes, ratios = relative_restart_signal(model, images(), min_batch_size, signal, window, min_history)
     else:
         changes = restart_signal(model, images(), min_batch_size, signal)
     shifted = [i > 0 and segments[i] != segments[i - 1] for i in range(len(segments))]
@@ -254,6 +265,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     sig.add_argument("--signal", default="first_layer", choices=RESTART_SIGNALS, help="follow's restart_signal")
     sig.add_argument("--relative", default="", help="comma-separated restart_relative values (default: none)")
     sig.add_argument("--window", type=int, default=16, help="follow's restart_window, with --relative")
+    sig.add_argument("--min-history", type=int, default=4, help="follow's restart_min_history, with --relative")
     rep = sub.add_parser("replay", help="error of follow on recorded streams, for each setting of a grid")
     rep.add_argument("recordings", nargs="+")
     rep.add_argument("--grid", default="[{}]", help='JSON list of hyperparameter dicts (default: "[{}]", the defaults)')
@@ -263,7 +275,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if args.command == "signal":
         relative = [float(k) for k in args.relative.split(",") if k]
-        _signal_command(args.overrides, [float(t) for t in args.thresholds.split(",")], args.out, args.signal, relative, args.window)
+        thresholds = [float(t) for t in args.thresholds.split(",")]
+        _signal_command(args.overrides, thresholds, args.out, args.signal, relative, args.window, args.min_history)
         return
     recordings = {Path(p).stem: Recording.load(p) for p in args.recordings}
     print("| setting | " + " | ".join(recordings) + " |")

@@ -12,7 +12,7 @@ import torch
 
 import tta
 from tests.conftest import small_bn_cnn
-from tta.methods.follow import RELATIVE_MIN_HISTORY, layer_changes, relative_change
+from tta.methods.follow import layer_changes, relative_change
 from tests.tta.test_follow_restart_signal import _inputs, _test_batch_log_vars
 
 
@@ -22,19 +22,20 @@ def test_relative_change_divides_by_each_layers_median_of_the_filled_entries() -
     changes = torch.tensor([[6.0, 8.0]])
     # four filled: the lower of the two middle values, layer 0 (2, 3, 4, 5) -> 3, layer 1
     # (1, 4, 6, 8) -> 4: (6 / 3 + 8 / 4) / 2 = 2 (with the zeros counted: 2 and 1 -> 5.5)
-    torch.testing.assert_close(relative_change(changes, history, torch.tensor([4])), torch.tensor([2.0]))
+    torch.testing.assert_close(relative_change(changes, history, torch.tensor([4]), 4), torch.tensor([2.0]))
     # five filled (a zero among them): layer 0 (0, 2, 3, 4, 5) -> 3, layer 1 (0, 1, 4, 6, 8) -> 4
-    torch.testing.assert_close(relative_change(changes, history, torch.tensor([5])), torch.tensor([2.0]))
+    torch.testing.assert_close(relative_change(changes, history, torch.tensor([5]), 4), torch.tensor([2.0]))
     history[0, :2] = torch.tensor([[9.0, 9.0], [9.0, 9.0]])
     # all six: layer 0 (2, 3, 4, 5, 9, 9) -> 4, layer 1 (1, 4, 6, 8, 9, 9) -> 6: (1.5 + 4 / 3) / 2
-    torch.testing.assert_close(relative_change(changes, history, torch.tensor([6])), torch.tensor([(1.5 + 8 / 6) / 2]))
-    assert math.isnan(float(relative_change(changes, history, torch.tensor([RELATIVE_MIN_HISTORY - 1]))[0]))
+    torch.testing.assert_close(relative_change(changes, history, torch.tensor([6]), 4), torch.tensor([(1.5 + 8 / 6) / 2]))
+    assert math.isnan(float(relative_change(changes, history, torch.tensor([3]), 4)[0]))
+    assert math.isnan(float(relative_change(changes, history, torch.tensor([5]), 6)[0]))
 
 
 def test_relative_change_is_per_stream() -> None:
     history = torch.ones(2, 4, 1)
     history[1] *= 4.0
-    out = relative_change(torch.tensor([[2.0], [2.0]]), history, torch.tensor([4, 4]))
+    out = relative_change(torch.tensor([[2.0], [2.0]]), history, torch.tensor([4, 4]), 4)
     torch.testing.assert_close(out, torch.tensor([2.0, 0.5]))
 
 
@@ -101,11 +102,12 @@ def test_the_absolute_threshold_still_applies() -> None:
     assert adapted.method.last_restart.tolist() == [False]
 
 
-def test_no_restart_before_enough_history() -> None:
+@pytest.mark.parametrize("min_history", [4, 7])
+def test_no_restart_before_enough_history(min_history: int) -> None:
     model = small_bn_cnn()
-    adapted = _relative(model, 0.001)
+    adapted = _relative(model, 0.001, restart_min_history=min_history)
     adapted(_inputs(0))
-    for step in range(1, RELATIVE_MIN_HISTORY + 1):
+    for step in range(1, min_history + 1):
         adapted(_inputs(step, scale=1.0 + step))
         assert adapted.method.last_restart.tolist() == [False]
         assert math.isnan(float(adapted.method.last_relative_signal[0]))
@@ -150,6 +152,8 @@ def test_streams_keep_their_own_history() -> None:
 
 def test_restart_window_is_checked() -> None:
     with pytest.raises(ValueError, match="restart_window"):
-        tta.build_method("follow", restart_relative=2.0, restart_window=RELATIVE_MIN_HISTORY - 1)
+        tta.build_method("follow", restart_relative=2.0, restart_window=0)
+    with pytest.raises(ValueError, match="restart_min_history"):
+        tta.build_method("follow", restart_window=8, restart_min_history=9)
     with pytest.raises(ValueError, match="restart_relative"):
         tta.build_method("follow", restart_relative=0.0)

@@ -25,8 +25,6 @@ from tta.surgery import find_norm_layers
 PATHS = ("detect", "slow", "fast")
 #: accepted values of ``restart_signal``: which BatchNorm inputs the restart reads
 RESTART_SIGNALS = ("first_layer", "all_layers")
-#: past changes a stream needs before ``restart_relative`` lets it restart
-RELATIVE_MIN_HISTORY = 4
 
 
 @dataclasses.dataclass
@@ -88,12 +86,15 @@ class FollowHparams:
     #: layers, must exceed this; None: the threshold ``restart_shift`` alone. Scale-free: a
     #: model whose class changes move its layers as much as a corruption change does (the
     #: digits model, fifth selection) sees large changes all the time, and a corruption
-    #: change stands out only against them. A stream restarts only after
-    #: ``RELATIVE_MIN_HISTORY`` (4) changes. 2.5 in the sixth selection (docs/RESULTS.md;
+    #: change stands out only against them. 2.5 in the sixth selection (docs/RESULTS.md;
     #: over 3.0 and over no relative threshold)
     restart_relative: float | None = hparam(2.5, low=0.0, low_open=True)
     #: past changes per layer whose median ``restart_relative`` divides by
-    restart_window: int = hparam(16, low=RELATIVE_MIN_HISTORY)
+    restart_window: int = hparam(16, low=1)
+    #: past changes a stream needs before ``restart_relative`` lets it restart (at most
+    #: ``restart_window``): a median of a few changes is a poor estimate of the stream's
+    #: usual change where one-class batches alternate with class switches
+    restart_min_history: int = hparam(4, low=1)
     #: how a restart treats the classes. None: every class starts from the source statistics.
     #: A share: only where the stream's running agreement between the class-balanced and the
     #: test-batch predictions (``agreement``) is above it; at or below it (batches of one
@@ -119,6 +120,12 @@ class FollowHparams:
     num_classes: int | None = hparam(None, low=2, symbol="K")
     #: which BatchNorm layers adapt: "all" or "spatial" (BatchNorm1d keeps its source statistics)
     layers: str = layers_hparam("all")
+
+    def __post_init__(self) -> None:
+        if self.restart_min_history > self.restart_window:
+            raise ValueError(
+                f"follow: restart_min_history ({self.restart_min_history}) must be at most restart_window ({self.restart_window})"
+            )
 
 
 def run_score(labels: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -217,9 +224,9 @@ def signature_change(signature: torch.Tensor, previous: torch.Tensor, widths: Se
     return layer_changes(signature, previous, widths).mean(1)
 
 
-def relative_change(changes: torch.Tensor, history: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+def relative_change(changes: torch.Tensor, history: torch.Tensor, counted: torch.Tensor, min_history: int) -> torch.Tensor:
     """Per stream, each layer's change divided by the median of its past changes, averaged
-    over the layers: ``(S,)``; NaN where a stream has fewer than ``RELATIVE_MIN_HISTORY``.
+    over the layers: ``(S,)``; NaN where a stream has fewer than ``min_history``.
 
     ``changes``: ``(S, L)``; ``history``: ``(S, W, L)``, newest last, of which the last
     ``counted`` ``(S,)`` are filled. The median of an even count is the lower of the two
@@ -228,7 +235,7 @@ def relative_change(changes: torch.Tensor, history: torch.Tensor, counted: torch
     filled = torch.arange(window, device=history.device) >= (window - counted)[:, None]
     baseline = torch.where(filled[:, :, None], history, torch.nan).nanmedian(1).values.clamp_min(1e-6)
     ratio = (changes / baseline).mean(1)
-    return torch.where(counted >= RELATIVE_MIN_HISTORY, ratio, torch.nan)
+    return torch.where(counted >= min_history, ratio, torch.nan)
 
 
 def streamwise_prior_correction(logits: torch.Tensor, num_streams: int) -> torch.Tensor:
@@ -506,7 +513,8 @@ class Follow(StatisticsMethod):
         relative = history = None
         if hp.restart_relative is not None:
             history = self.signal_history.to(signature.device)
-            relative = relative_change(changes, history, self.history_count.to(signature.device))
+            counted = self.history_count.to(signature.device)
+            relative = relative_change(changes, history, counted, hp.restart_min_history)
             restart = restart & (relative > hp.restart_relative)  # NaN (too little history) compares False
         recentre = None
         if hp.recentre_agreement is not None:
