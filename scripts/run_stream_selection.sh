@@ -365,20 +365,25 @@ follow_dev() {  # follow_dev <split> <follow overrides...>: follow on the 17 dev
     stream.delta=0.1 "$@"
   sweep "$split/digits_batch16_seeds" experiment=digits_quick method=follow seed=2,3 stream.batch_size=16 "$@"
 }
+# follow's defaults have changed with the selections (now the sixth's restart); the sections
+# name the restart they measured, so that they rerun as they ran. FIRST_LAYER: the third and
+# fourth selections' signal (the first layer's input, an absolute threshold alone)
+FIRST_LAYER="+method.hparams.restart_signal=first_layer +method.hparams.restart_relative=null"
 RESTART_GRID=${RESTART_GRID:-0.3,0.4,0.5,0.6}
 dev3() {  # third: restarts from the source statistics. Its baselines ran follow before the
   # fourth selection's defaults; since then restart_shift=null is that follow (no restarts)
   sweep dev3/bn_recurring_5 "${REC5[@]}" method=source,norm,balanced_bn,follow
   sweep dev3/bn_one_class_4 "${ONE4[@]}" method=source,lame,balanced_bn,follow
-  follow_dev dev3 "+method.hparams.restart_shift=$RESTART_GRID" "+method.hparams.recentre_agreement=null"
+  follow_dev dev3 $FIRST_LAYER "+method.hparams.restart_shift=$RESTART_GRID" "+method.hparams.recentre_agreement=null"
 }
 RECENTRE_GRID=${RECENTRE_GRID:-0.4,0.5}
 dev4() {  # fourth: restarts that recentre where the agreement is at most 0.5
-  follow_dev dev4 "+method.hparams.restart_shift=$RECENTRE_GRID" "+method.hparams.recentre_agreement=0.5"
+  follow_dev dev4 $FIRST_LAYER "+method.hparams.restart_shift=$RECENTRE_GRID" "+method.hparams.recentre_agreement=0.5"
 }
 # the chosen follow on the evaluation streams (CHOSEN: its hydra overrides)
-CHOSEN=${CHOSEN:-+method.hparams.restart_shift=0.4 +method.hparams.recentre_agreement=0.5}
-CHOSEN5=${CHOSEN5:-+method.hparams.restart_signal=all_layers +method.hparams.restart_shift=0.14 +method.hparams.recentre_agreement=0.5}
+CHOSEN=${CHOSEN:-$FIRST_LAYER +method.hparams.restart_shift=0.4 +method.hparams.recentre_agreement=0.5}
+ALL_LAYERS="+method.hparams.restart_signal=all_layers +method.hparams.restart_shift=0.14 +method.hparams.recentre_agreement=0.5"
+CHOSEN5=${CHOSEN5:-$ALL_LAYERS +method.hparams.restart_relative=null}
 eval4() { eval_follow eval4 "$CHOSEN"; }
 eval5() { eval_follow eval5 "$CHOSEN5"; }
 dev5() {  # fifth: the restart signal over every layer's test-batch input
@@ -386,9 +391,9 @@ dev5() {  # fifth: the restart signal over every layer's test-batch input
 }
 RELATIVE_GRID=${RELATIVE_GRID:-2.5,3.0}
 dev6() {  # sixth: that signal with a threshold relative to the stream's own changes
-  follow_dev dev6 $CHOSEN5 "+method.hparams.restart_relative=$RELATIVE_GRID"
+  follow_dev dev6 $ALL_LAYERS "+method.hparams.restart_relative=$RELATIVE_GRID"
 }
-CHOSEN6=${CHOSEN6:-$CHOSEN5 +method.hparams.restart_relative=2.5}
+CHOSEN6=${CHOSEN6:-$ALL_LAYERS +method.hparams.restart_relative=2.5}
 eval6() { eval_follow eval6 "$CHOSEN6"; }
 DIGITS_RESET=(experiment=digits_quick stream=reset_each_shift stream.replays=2 stream.batch_size=64 seed=0 stream.label_order=iid,sorted)
 dev7() {  # seventh: a full window before the relative threshold acts; digits reset at every domain
