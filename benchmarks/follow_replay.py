@@ -110,7 +110,7 @@ def restart_signal(
     BatchNorm do not adapt); every layer's from ``follow`` itself with a threshold no change
     reaches (its test-batch forward does not depend on the adapted statistics)."""
     if signal == "all_layers":
-        return _signal_of_every_layer(model, batches, min_batch_size)
+        return relative_restart_signal(model, batches, min_batch_size, signal)[0]
     norms = find_norm_layers(model)
     if not norms:
         raise ValueError("the model has no BatchNorm layer: follow has nothing to restart")
@@ -171,20 +171,6 @@ def relative_restart_signal(
         changes.append(None if math.isnan(change) else change)
         ratios.append(None if math.isnan(ratio) else ratio)
     return changes, ratios
-
-
-def _signal_of_every_layer(model: nn.Module, batches: Iterable[torch.Tensor], min_batch_size: int) -> list[float | None]:
-    adapted = tta.adapt(
-        copy.deepcopy(model), "follow", restart_signal="all_layers", restart_shift=math.inf, min_batch_size=min_batch_size
-    )
-    if not Follow.layers(adapted.model):
-        raise ValueError("the model has no BatchNorm layer: follow has nothing to restart")
-    changes: list[float | None] = []
-    for images in batches:
-        adapted(images)
-        change = float(adapted.method.last_signal[0])
-        changes.append(None if math.isnan(change) else change)
-    return changes
 
 
 def _configured(overrides: Sequence[str]) -> tuple[Any, nn.Module, Any]:

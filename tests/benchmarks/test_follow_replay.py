@@ -59,6 +59,16 @@ def test_replay_equals_live_runs_of_any_detector_setting(tmp_path, recorded: dic
     assert len(set(errors)) >= 3  # the settings make a difference on this stream
 
 
+def _restarts(adapted: tta.Adapted, batches: list[torch.Tensor]) -> list[bool]:
+    """Per batch, whether ``follow`` restarted."""
+    fired = []
+    with torch.no_grad():
+        for images in batches:
+            adapted(images)
+            fired.append(bool(adapted.method.last_restart.item()))
+    return fired
+
+
 def test_restart_signal_fires_where_the_method_restarts() -> None:
     labels = [0] * 8 + [1] * 8 + [2] * 8 + [3] * 8
     scales = [1.0, 1.0, 4.0, 4.0, 1.5, 0.5, 0.5, 3.0]
@@ -67,12 +77,7 @@ def test_restart_signal_fires_where_the_method_restarts() -> None:
     changes = restart_signal(label_readout(), batches)
     assert changes[0] is None and changes[3] is None
     for shift in (0.3, 1.0, 2.0):
-        adapted = tta.adapt(label_readout(), "follow", **FIRST_LAYER, restart_shift=shift)
-        fired = []
-        with torch.no_grad():
-            for images in batches:
-                adapted(images)
-                fired.append(bool(adapted.method.last_restart.item()))
+        fired = _restarts(tta.adapt(label_readout(), "follow", **FIRST_LAYER, restart_shift=shift), batches)
         assert fired == [c is not None and c > shift for c in changes], shift
     assert 0 < sum(c is not None and c > 1.0 for c in changes) < len(batches) - 2
 
@@ -88,10 +93,7 @@ def test_the_signal_of_every_layer_fires_where_the_method_restarts() -> None:
         adapted = tta.adapt(
             copy.deepcopy(model), "follow", restart_signal="all_layers", restart_relative=None, restart_shift=shift
         )
-        fired = []
-        for images in batches:
-            adapted(images)
-            fired.append(bool(adapted.method.last_restart.item()))
+        fired = _restarts(adapted, batches)
         assert fired == [c is not None and c > shift for c in changes], shift
     assert 0 < sum(c is not None and c > 0.2 for c in changes) < len(batches) - 2
 
@@ -108,10 +110,7 @@ def test_the_relative_signal_fires_where_the_method_restarts() -> None:
         adapted = tta.adapt(
             copy.deepcopy(model), "follow", restart_signal="all_layers", restart_shift=shift, restart_relative=k, restart_window=4
         )
-        fired = []
-        for images in batches:
-            adapted(images)
-            fired.append(bool(adapted.method.last_restart.item()))
+        fired = _restarts(adapted, batches)
         assert fired == [c is not None and r is not None and c > shift and r > k for c, r in zip(changes, ratios)], (shift, k)
     fired_at = [c is not None and r is not None and c > 0.01 and r > 1.5 for c, r in zip(changes, ratios)]
     assert 0 < sum(fired_at) < sum(c is not None and c > 0.01 for c in changes)
