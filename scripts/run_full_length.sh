@@ -10,7 +10,7 @@
 #
 # The method lists are the rows of docs/RESULTS.md's tables. Finished runs are skipped, so an
 # interrupted call resumes. A run takes 5 (statistics methods) to 25 minutes (sar) on one
-# core (rotta about 100, checkpointed in its own sections); cotta would take about 3.5 hours.
+# core (rotta 28 to 100, checkpointed in its own sections); cotta would take about 3.5 hours.
 # Environment: OUT (outputs/full_length), TTA_JOBS (parallel runs, one torch thread each;
 # 1), PY, and one variable per section
 # that replaces its method list (CONTINUAL_200, CONTINUAL_64, MIXED_200, CORRELATED_GN,
@@ -38,8 +38,9 @@ continual_batch200() {
 continual_batch200_petta() {
   run continual_batch200 petta experiment=cifar10c_continual method.source_images=1000 runtime.checkpoint_every=25
 }
-# rotta takes about 100 minutes on one core: these two sections checkpoint every 25 batches,
-# so that an interrupted call resumes mid-stream (runtime keys are not part of a run's identity)
+# rotta takes 28 (mixed, alone) to 100 minutes (continual, beside other runs) on one core:
+# these two sections checkpoint every 25 batches, so that an interrupted call resumes
+# mid-stream (runtime keys are not part of a run's identity)
 continual_batch64_rotta() {
   run continual_batch64 rotta experiment=cifar10c_continual stream.batch_size=64 runtime.checkpoint_every=25
 }
