@@ -153,9 +153,9 @@ def relative_restart_signal(
 ) -> tuple[list[float | None], list[float | None]]:
     """Per batch, the restart signal's change (as :func:`restart_signal`) and its ratio to the
     stream's own past changes (``follow``'s ``restart_relative`` with ``restart_window=window``
-    and ``restart_min_history=min_history``; ``None`` where there is none). ``follow`` with ``restart_shift=t`` and
-    ``restart_relative=k`` restarts exactly where the change exceeds ``t`` and the ratio
-    ``k``. Both come from ``follow`` itself, with thresholds that nothing reaches (the
+    and ``restart_min_history=min_history``; ``None`` where there is none). ``follow`` with
+    ``restart_shift=t`` and ``restart_relative=k`` restarts exactly where the change exceeds
+    ``t`` and the ratio ``k``. Both come from ``follow`` itself, with thresholds that nothing reaches (the
     history holds the changes, whatever restarts)."""
     adapted = tta.adapt(
         copy.deepcopy(model), "follow", restart_signal=signal, restart_shift=math.inf, restart_relative=math.inf,
@@ -225,10 +225,10 @@ def _signal_command(
             at_change = sum(f and s for f, s in zip(fired, shifted))
             print(f"| {threshold} | {'-' if k is None else k} | {sum(fired)} | {at_change} | {sum(fired) - at_change} |")
     if out:
-        record_ = {"overrides": list(overrides), "change": changes, "segment": segments}
+        payload: dict[str, Any] = {"overrides": list(overrides), "change": changes, "segment": segments}
         if relative:
-            record_["relative"] = ratios
-        Path(out).write_text(json.dumps(record_))
+            payload["relative"] = ratios
+        Path(out).write_text(json.dumps(payload))
 
 
 def _record_command(out: str, overrides: Sequence[str]) -> None:
